@@ -1,0 +1,154 @@
+"""Causal self-attention (MHA / GQA / MQA, optional sliding window) with a preallocated KV cache.
+
+Positions in a sequence are called *slots*: slot ``s`` is the ``s``-th token fed to the model
+(padding included). Causality and the sliding window are rules on slots; a padding mask over
+slots removes padded keys. RoPE positions are the model's business and arrive as ``rope``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmzoo.layers.positions import apply_rope
+
+
+class KVCache(nn.Module):
+    """Keys and values of past slots, allocated once: ``k, v [B, num_kv_heads, size, head_dim]``.
+
+    Writes are appends; ``length`` counts the slots seen so far. With a sliding ``window`` shorter
+    than ``max_length`` the cache is a rolling buffer of ``window`` slots (slot ``s`` lives at
+    ``s % window``), so its memory does not grow with the output.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
+                 window: int | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.max_length = max_length
+        self.rolling = window is not None and window < max_length
+        size = window if self.rolling else max_length
+        shape = (batch_size, num_kv_heads, size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # slot held by each buffer position (-1: empty); only needed by the rolling buffer
+        self.register_buffer("slots", torch.full((size,), -1, dtype=torch.long, device=device),
+                             persistent=False)
+        self.length = 0
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append ``k, v [B, Hkv, T, Dh]``; return the keys and values to attend over and their slots."""
+        start, new = self.length, k.shape[2]
+        if start + new > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} slots; {start} used, {new} more asked")
+        self.length = start + new
+        new_slots = torch.arange(start, start + new, device=k.device)
+        if not self.rolling:
+            self.k[:, :, start:start + new] = k
+            self.v[:, :, start:start + new] = v
+            return self.k[:, :, :start + new], self.v[:, :, :start + new], torch.arange(start + new, device=k.device)
+        if new == 1:  # decode step: overwrite the oldest slot in place, attend over the buffer
+            index = new_slots % self.size
+            self.k.index_copy_(2, index, k)
+            self.v.index_copy_(2, index, v)
+            self.slots.index_copy_(0, index, new_slots)
+            return self.k, self.v, self.slots
+        # a chunk: its queries need the old buffer and all new keys; keep the newest `size` after
+        keys, values, slots = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.slots, new_slots])
+        keep = min(new, self.size)
+        index = new_slots[-keep:] % self.size
+        self.k.index_copy_(2, index, k[:, :, -keep:])
+        self.v.index_copy_(2, index, v[:, :, -keep:])
+        self.slots.index_copy_(0, index, new_slots[-keep:])
+        return keys, values, slots
+
+
+def attention_mask(query_slots: Tensor, key_slots: Tensor, window: int | None = None,
+                   padding_mask: Tensor | None = None) -> Tensor:
+    """Boolean mask ``[B or 1, 1, T, S]`` (True = attend) for queries at ``query_slots [T]``.
+
+    A query sees keys at slots ``q - window < k <= q``; ``key_slots`` of -1 are empty cache entries;
+    ``padding_mask [B, >= max slot + 1]`` (1 = real token) removes padded keys. A padded query still
+    sees itself so that no row of the softmax is empty (its output is never used).
+    """
+    q, k = query_slots[:, None], key_slots[None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    if padding_mask is None:
+        return allowed[None, None]
+    real_keys = padding_mask.bool()[:, key_slots.clamp(min=0)]  # [B, S]
+    return ((allowed[None] & real_keys[:, None, :]) | (k == q)[None])[:, None]
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention with ``num_kv_heads`` key/value heads (``num_heads``: MHA, 1: MQA).
+
+    Each kv head serves a contiguous group of ``num_heads // num_kv_heads`` query heads. q, k and v
+    come from one fused projection ``qkv``; ``out`` projects the heads back to ``embed_dim``.
+    ``sliding_window`` (Mistral) limits each query to the last ``sliding_window`` slots, itself included.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
+                 head_dim: int | None = None, bias: bool = False, dropout: float = 0.0,
+                 sliding_window: int | None = None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        if head_dim is None and embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}: "
+                             f"pick a num_heads that divides it")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}: "
+                             f"pick a num_kv_heads that divides it")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = head_dim or embed_dim // num_heads
+        self.dropout = dropout
+        self.sliding_window = sliding_window
+        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        self.out = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> None:
+        self.kv_cache = KVCache(batch_size, self.num_kv_heads, self.head_dim, max_length, self.sliding_window,
+                                dtype=dtype or self.qkv.weight.dtype, device=device or self.qkv.weight.device)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
+                padding_mask: Tensor | None = None) -> Tensor:
+        """``x [B, T, D]``; ``rope`` = (cos, sin) ``[B or 1, T, head_dim]``; ``padding_mask [B, S]``
+        over all slots so far (cache included). Returns ``[B, T, D]``."""
+        B, T, _ = x.shape
+        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)
+        qk, v = qkv.split([H + Hkv, Hkv], dim=1)
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # queries and keys rotated in one pass
+        q, k = qk.split([H, Hkv], dim=1)
+
+        window, mask, causal = self.sliding_window, None, False
+        if self.kv_cache is None:
+            if padding_mask is None and (window is None or T <= window):
+                causal = True  # SDPA's fused causal path
+            else:
+                slots = torch.arange(T, device=x.device)
+                mask = attention_mask(slots, slots, window, padding_mask)
+        else:
+            cache, start = self.kv_cache, self.kv_cache.length
+            k, v, key_slots = cache.update(k, v)
+            if start == 0 and padding_mask is None and k.shape[2] == T and (window is None or T <= window):
+                causal = True
+            else:
+                # a rolling buffer that is full holds exactly the window; a plain cache, every slot so far
+                all_visible = cache.length >= cache.size if cache.rolling else (window is None or cache.length <= window)
+                if not (T == 1 and padding_mask is None and all_visible):
+                    query_slots = torch.arange(start, start + T, device=x.device)
+                    mask = attention_mask(query_slots, key_slots, window, padding_mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=Hkv != H)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))

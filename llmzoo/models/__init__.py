@@ -1,0 +1,13 @@
+"""The architectures: each a LightningModule built from the shared layers."""
+
+from llmzoo.models.base import CausalLM
+from llmzoo.models.gpt import GPT
+from llmzoo.models.gpt2 import GPT2
+from llmzoo.models.llama import Llama
+from llmzoo.models.mistral import Mistral
+from llmzoo.models.mixtral import Mixtral
+from llmzoo.models.transformer import Transformer
+
+ARCHITECTURES = {cls.__name__: cls for cls in (GPT, GPT2, Llama, Mistral, Mixtral, Transformer)}
+
+__all__ = ["ARCHITECTURES", "CausalLM", "GPT", "GPT2", "Llama", "Mistral", "Mixtral", "Transformer"]

@@ -1,0 +1,253 @@
+"""The shared LightningModule of every architecture: a decoder-only causal language model."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from llmzoo.layers import Block, CausalSelfAttention, LearnedPositions, MoE, RotaryEmbedding
+from llmzoo.layers.loss import IGNORE_INDEX, linear_cross_entropy
+from llmzoo.models.metrics import TokenNLL, TokenPerplexity
+
+
+class CausalLM(L.LightningModule):
+    """Decoder-only causal LM: token embedding (+ absolute positions) -> blocks -> final norm -> lm_head.
+
+    An architecture subclasses this and picks its layers by overriding the ``make_*`` hooks
+    (``make_attention``, ``make_mlp``, ``make_norm``, optionally ``make_positions``, ``make_rope``,
+    ``make_block``) and the class attributes ``prenorm`` and ``embed_scale``. Pre-norm models get a
+    final norm before the head; post-norm models end normalised already.
+
+    Training batches are token windows ``[B, T + 1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``) or
+    dicts with ``input_ids`` and optional ``labels`` (-100 = ignore) and ``attention_mask``.
+
+    Args:
+        vocab_size: size of the token vocabulary (linked from the tokenizer by the CLI).
+        embed_dim: width of the residual stream.
+        num_heads: attention (query) heads.
+        num_layers: decoder blocks.
+        max_position_embeddings: longest sequence (context length) the model accepts.
+        dropout: dropout on embeddings, attention weights and residual branches.
+        tie_word_embeddings: share the token embedding with the output head.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay, applied to weight matrices only (not norms, biases, embeddings).
+        betas: AdamW betas.
+        warmup_steps: steps of linear learning-rate warmup.
+        lr_decay_steps: step at which the cosine decay reaches ``min_learning_rate``; defaults to the
+            trainer's ``max_steps`` (constant after warmup when neither is set).
+        min_learning_rate: end of the cosine decay; defaults to ``learning_rate / 10``.
+    """
+
+    prenorm: bool = True
+    embed_scale: float = 1.0
+
+    def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, num_layers: int,
+                 max_position_embeddings: int, dropout: float = 0.0, tie_word_embeddings: bool = False, *,
+                 learning_rate: float = 3e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
+                 warmup_steps: int = 100, lr_decay_steps: int | None = None,
+                 min_learning_rate: float | None = None):
+        super().__init__()
+        self.save_hyperparameters()  # also records the subclasses' arguments: Llama.load_from_checkpoint(p) works
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        self.positions = self.make_positions()
+        self.rope = self.make_rope()
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(self.make_block(layer) for layer in range(num_layers))
+        self.norm = self.make_norm() if self.prenorm else nn.Identity()
+        self.lm_head = nn.Linear(embed_dim, vocab_size, bias=False)
+        self.init_weights()
+        if tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.eval_nll, self.eval_ppl = TokenNLL(), TokenPerplexity()
+
+    # ----------------------------------------------------------------- architecture hooks
+    def make_positions(self) -> nn.Module | None:
+        """Absolute position embedding added to the token embedding (``positions [B, T] -> [B, T, D]``)."""
+        return None
+
+    def make_rope(self) -> RotaryEmbedding | None:
+        """Rotary embedding applied to queries and keys inside attention."""
+        return None
+
+    def make_attention(self, layer: int) -> CausalSelfAttention:
+        raise NotImplementedError
+
+    def make_mlp(self, layer: int) -> nn.Module:
+        raise NotImplementedError
+
+    def make_norm(self) -> nn.Module:
+        raise NotImplementedError
+
+    def make_block(self, layer: int) -> Block:
+        return Block(self.make_attention(layer), self.make_mlp(layer), self.make_norm(), self.make_norm(),
+                     prenorm=self.prenorm, dropout=self.hparams.dropout)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Normal(0, std) weights, zero biases; residual output projections scaled by 1/sqrt(2 * layers)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE):
+                module.reset_parameters()
+        residual_std = std / math.sqrt(2 * len(self.blocks))
+        for name, param in self.blocks.named_parameters():
+            if name.endswith(("attention.out.weight", "mlp.down.weight", "mlp.down")):
+                nn.init.normal_(param, std=residual_std)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """``input_ids [B, T]`` -> logits ``[B, T, vocab_size]``.
+
+        ``attention_mask [B, S]`` (1 = token, 0 = padding) covers every slot so far: ``S = T`` without
+        a KV cache, ``S = cached + T`` with one. Positions count real tokens only, so left-padded rows
+        see the same positions as unpadded ones.
+        """
+        hidden, _ = self.backbone(input_ids, attention_mask)
+        return self.lm_head(hidden)
+
+    def backbone(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Final hidden states ``[B, T, D]`` and the mean MoE load-balancing loss (None for dense models)."""
+        batch, length = input_ids.shape
+        start = self.kv_cache_length
+        if start + length > self.hparams.max_position_embeddings:
+            raise ValueError(f"{start + length} tokens exceed max_position_embeddings="
+                             f"{self.hparams.max_position_embeddings}: shorten the input or use a longer-context model")
+        if attention_mask is not None and attention_mask.shape != (batch, start + length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                             f"{(batch, start + length)} (batch, cached + new tokens)")
+        positions = self.position_ids(start, length, attention_mask, input_ids.device)
+        x = self.embed(input_ids)
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        x = self.drop(x)
+        rope = self.rope(positions, x.dtype) if self.rope is not None else None
+        aux_losses = []
+        for block in self.blocks:
+            x, aux_loss = block(x, rope, attention_mask)
+            if aux_loss is not None:
+                aux_losses.append(aux_loss)
+        return self.norm(x), torch.stack(aux_losses).mean() if aux_losses else None
+
+    @staticmethod
+    def position_ids(start: int, length: int, attention_mask: Tensor | None, device: torch.device) -> Tensor:
+        """Positions ``[B or 1, length]`` of the slots ``start .. start + length``; padding does not count."""
+        if attention_mask is None:
+            return torch.arange(start, start + length, device=device)[None]
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + length]
+
+    # ----------------------------------------------------------------- KV cache
+    def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> None:
+        """Preallocate every layer's KV cache for ``max_length`` slots (forward calls then append to it)."""
+        for block in self.blocks:
+            block.attention.setup_kv_cache(batch_size, max_length, dtype, device)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.blocks:
+            block.attention.kv_cache = None
+
+    @property
+    def kv_cache_length(self) -> int:
+        """Slots held by the KV cache (0 without one)."""
+        cache = self.blocks[0].attention.kv_cache
+        return 0 if cache is None else cache.length
+
+    # ----------------------------------------------------------------- generation
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs) -> Tensor:
+        """Continue ``input_ids [B, T]``; returns ``[B, T + new]``. See :func:`llmzoo.generation.generate`."""
+        from llmzoo.generation import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    # ----------------------------------------------------------------- training
+    @staticmethod
+    def split_batch(batch: Tensor | dict) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(input_ids, targets, attention_mask)`` from a window tensor or an HF-style dict."""
+        if isinstance(batch, Tensor):
+            return batch[:, :-1], batch[:, 1:], None
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        targets = batch.get("labels", input_ids)[:, 1:]
+        if mask is None:
+            return input_ids[:, :-1], targets, None
+        return input_ids[:, :-1], targets.masked_fill(mask[:, 1:] == 0, IGNORE_INDEX), mask[:, :-1]
+
+    def token_nll(self, batch: Tensor | dict, reduction: str = "mean") -> tuple[Tensor, Tensor, Tensor | None]:
+        """Next-token cross-entropy (``reduction`` over non-ignored tokens), their count, the MoE aux loss.
+
+        The output projection is fused into the loss (:func:`~llmzoo.layers.loss.linear_cross_entropy`):
+        ``[B*T, vocab]`` logits are never materialised."""
+        input_ids, targets, mask = self.split_batch(batch)
+        hidden, aux_loss = self.backbone(input_ids, mask)
+        nll = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)
+        return nll, (targets != IGNORE_INDEX).sum(), aux_loss
+
+    def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor:
+        loss, _, aux_loss = self.token_nll(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        if aux_loss is not None:
+            self.log("train/aux_loss", aux_loss)
+            loss = loss + self.hparams.aux_loss_coef * aux_loss
+        return loss
+
+    def validation_step(self, batch: Tensor | dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Tensor | dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: Tensor | dict, stage: str) -> None:
+        nll_sum, count, _ = self.token_nll(batch, reduction="sum")
+        self.eval_nll.update(nll_sum, count)
+        self.eval_ppl.update(nll_sum, count)
+        self.log(f"{stage}/loss", self.eval_nll, prog_bar=True)
+        self.log(f"{stage}/ppl", self.eval_ppl, prog_bar=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 and id(param) not in embeddings else no_decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.learning_rate, betas=tuple(hp.betas))
+        decay_steps = hp.lr_decay_steps or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
+        min_ratio = (hp.min_learning_rate if hp.min_learning_rate is not None else hp.learning_rate / 10) / hp.learning_rate
+        schedule = partial(warmup_cosine, warmup_steps=hp.warmup_steps, decay_steps=decay_steps, min_ratio=min_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- introspection
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out the token and learned position embeddings."""
+        total = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            total -= self.embed.weight.numel()
+            if isinstance(self.positions, LearnedPositions):
+                total -= self.positions.weight.numel()
+        return total
+
+    def memory_footprint(self) -> dict[str, int]:
+        """Bytes the weights take in fp32, bf16 and int8 (no activations, gradients or optimizer state)."""
+        n = self.num_parameters()
+        return {"fp32": 4 * n, "bf16": 2 * n, "int8": n}
+
+
+def warmup_cosine(step: int, warmup_steps: int, decay_steps: int | None, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine down to ``min_ratio`` at ``decay_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if decay_steps is None:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
+    return min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - min_ratio)

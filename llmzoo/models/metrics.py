@@ -1,0 +1,38 @@
+"""Exact token-level loss and perplexity, summed over batches and ranks.
+
+torchmetrics' ``Perplexity`` materialises a full softmax and overflows on large logit gaps; these
+metrics take the summed negative log-likelihood and the token count the loss already computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class TokenNLL(Metric):
+    """Mean negative log-likelihood per token (nats)."""
+
+    full_state_update = False
+    higher_is_better = False
+    is_differentiable = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: Tensor, count: Tensor) -> None:
+        self.nll += nll_sum.detach().double()
+        self.count += count.detach()
+
+    def compute(self) -> Tensor:
+        return (self.nll / self.count).float()
+
+
+class TokenPerplexity(TokenNLL):
+    """``exp`` of the mean token negative log-likelihood."""
+
+    def compute(self) -> Tensor:
+        return (self.nll / self.count).exp().float()
