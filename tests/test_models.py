@@ -160,3 +160,47 @@ def test_subclass_overrides_one_layer():
     model = GeluLlama(**TINY_CONFIGS["Llama"])
     assert model.blocks[1].mlp.up.out_features == 64
     assert model(torch.randint(0, 97, (1, 5))).shape == (1, 5, 97)
+
+
+def test_flops_per_token_counts_active_parameters_and_attention():
+    gpt2 = GPT2(**TINY_CONFIGS["GPT2"])
+    d, layers, vocab = 32, 2, 97
+    matmul = layers * (3 * d * d + d * d + 2 * 4 * d * d) + vocab * d  # qkv, out, mlp up/down, head
+    assert gpt2.flops_per_token(16) == 6 * matmul + 12 * layers * d * 16
+    mixtral = tiny_model("Mixtral")  # 4 experts, top-2, window 8
+    dense = tiny_model("Mistral")
+    expert_params = 3 * 32 * 48
+    router = 32 * 4
+    active_difference = layers * (router + 2 * expert_params - expert_params)  # k=2 experts instead of one MLP
+    assert mixtral.flops_per_token(64) - dense.flops_per_token(64) == 6 * active_difference
+    assert dense.flops_per_token(64) - dense.flops_per_token(8) == 0  # keys capped by the window of 8
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    batch = torch.randint(0, 97, (2, 17))
+    plain = tiny_model("Llama").train()
+    checkpointed = tiny_model("Llama", activation_checkpointing=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    losses = []
+    for model in (plain, checkpointed):
+        loss = model.token_nll(batch)[0]
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1])
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_and_match_eager():
+    """torch.compile on CPU (needs a C++ compiler): the compiled model gives the eager model's loss."""
+    batch = torch.randint(0, 97, (4, 17))
+    eager = tiny_model("Llama")
+    compiled = tiny_model("Llama", compile=True)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.configure_model()
+    assert all(block._compiled_call_impl is not None for block in compiled.blocks)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    with torch.no_grad():
+        assert torch.allclose(compiled.token_nll(batch)[0], eager.token_nll(batch)[0], atol=1e-5)
+    assert overfit(compiled, steps=30) < overfit(tiny_model("Llama"), steps=1)

@@ -40,6 +40,9 @@ class CausalLM(L.LightningModule):
         lr_decay_steps: step at which the cosine decay reaches ``min_learning_rate``; defaults to the
             trainer's ``max_steps`` (constant after warmup when neither is set).
         min_learning_rate: end of the cosine decay; defaults to ``learning_rate / 10``.
+        activation_checkpointing: recompute each block's activations in the backward pass instead of
+            storing them (less memory, about a third more compute).
+        compile: compile each block with ``torch.compile`` when training starts (``configure_model``).
     """
 
     prenorm: bool = True
@@ -49,7 +52,8 @@ class CausalLM(L.LightningModule):
                  max_position_embeddings: int, dropout: float = 0.0, tie_word_embeddings: bool = False, *,
                  learning_rate: float = 3e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, lr_decay_steps: int | None = None,
-                 min_learning_rate: float | None = None):
+                 min_learning_rate: float | None = None, activation_checkpointing: bool = False,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters()  # also records the subclasses' arguments: Llama.load_from_checkpoint(p) works
         self.embed = nn.Embedding(vocab_size, embed_dim)
@@ -130,9 +134,13 @@ class CausalLM(L.LightningModule):
             x = x + self.positions(positions)
         x = self.drop(x)
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
+        checkpointing = self.hparams.activation_checkpointing and self.training and torch.is_grad_enabled()
         aux_losses = []
         for block in self.blocks:
-            x, aux_loss = block(x, rope, attention_mask)
+            if checkpointing:
+                x, aux_loss = torch.utils.checkpoint.checkpoint(block, x, rope, attention_mask, use_reentrant=False)
+            else:
+                x, aux_loss = block(x, rope, attention_mask)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return self.norm(x), torch.stack(aux_losses).mean() if aux_losses else None
@@ -169,6 +177,13 @@ class CausalLM(L.LightningModule):
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     # ----------------------------------------------------------------- training
+    def configure_model(self) -> None:
+        """Compile the blocks in place (state-dict names stay) when ``compile`` is set; once."""
+        if self.hparams.compile and not getattr(self, "_blocks_compiled", False):
+            for block in self.blocks:
+                block.compile()
+            self._blocks_compiled = True
+
     @staticmethod
     def split_batch(batch: Tensor | dict) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(input_ids, targets, attention_mask)`` from a window tensor or an HF-style dict."""
@@ -236,6 +251,21 @@ class CausalLM(L.LightningModule):
             if isinstance(self.positions, LearnedPositions):
                 total -= self.positions.weight.numel()
         return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at context ``seq_len``, PaLM's ``6 N + 12 L H Dh T``:
+        ``N`` counts the weights of every matrix multiply a token goes through (the output head; for
+        MoE the router and the ``k`` active experts; not the embedding lookups), ``T`` is the number of
+        keys a query sees (capped by a sliding window)."""
+        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))  # routers, head too
+        experts = sum((m.gate_up.numel() + m.down.numel()) * m.experts_per_token // m.num_experts
+                      for m in self.modules() if isinstance(m, MoE))
+        attention = 0
+        for block in self.blocks:
+            window = block.attention.sliding_window
+            keys = min(seq_len, window) if window else seq_len
+            attention += 12 * block.attention.num_heads * block.attention.head_dim * keys
+        return 6 * (linear + experts) + attention
 
     def memory_footprint(self) -> dict[str, int]:
         """Bytes the weights take in fp32, bf16 and int8 (no activations, gradients or optimizer state)."""
