@@ -204,3 +204,48 @@ def test_compiled_blocks_train_and_match_eager():
     with torch.no_grad():
         assert torch.allclose(compiled.token_nll(batch)[0], eager.token_nll(batch)[0], atol=1e-5)
     assert overfit(compiled, steps=30) < overfit(tiny_model("Llama"), steps=1)
+
+
+def saved_checkpoint(model, path):
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=path.parent)
+    trainer.fit(model, torch.utils.data.DataLoader(list(torch.randint(0, 97, (2, 9))), batch_size=2))
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from llmzoo import CausalLM, GPT, Mixtral
+
+    path = saved_checkpoint(tiny_model("Mixtral"), tmp_path / "mixtral.ckpt")
+    with pytest.raises(ValueError, match="holds a Mixtral model, not a Llama: load it with Mixtral.load_from_checkpoint"):
+        Llama.load_from_checkpoint(path)
+    with pytest.raises(ValueError, match="holds a Mixtral model, not a GPT"):
+        GPT.load_from_checkpoint(path)
+    assert type(CausalLM.load_from_checkpoint(path)) is Mixtral  # the base class picks the stored one
+    assert type(Mixtral.load_from_checkpoint(path)) is Mixtral
+
+
+def test_corrupted_truncated_and_unsafe_checkpoints_are_refused(tmp_path):
+    path = saved_checkpoint(tiny_model("GPT2"), tmp_path / "gpt2.ckpt")
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.ckpt: the file is truncated, corrupted or not a PyTorch checkpoint"):
+        GPT2.load_from_checkpoint(truncated)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00not a checkpoint" * 100)
+    with pytest.raises(ValueError, match="truncated, corrupted"):
+        GPT2.load_from_checkpoint(garbage)
+
+    class Payload:  # unpickling it would run os.system
+        def __reduce__(self):
+            import os
+            return os.system, ("touch " + str(tmp_path / "pwned"),)
+
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "llmzoo_architecture": "llmzoo.models.gpt2.GPT2", "evil": Payload()}, crafted)
+    with pytest.raises(ValueError, match="refusing to load .*crafted.ckpt.*only load checkpoints you trust"):
+        GPT2.load_from_checkpoint(crafted)
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GPT2.load_from_checkpoint(tmp_path / "missing.ckpt")

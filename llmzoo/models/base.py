@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import pickle
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -47,6 +50,11 @@ class CausalLM(L.LightningModule):
 
     prenorm: bool = True
     embed_scale: float = 1.0
+    registry: dict[str, type[CausalLM]] = {}  # every subclass, by "module.QualName" (what checkpoints record)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CausalLM.registry[_qualified_name(cls)] = cls
 
     def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, num_layers: int,
                  max_position_embeddings: int, dropout: float = 0.0, tie_word_embeddings: bool = False, *,
@@ -242,6 +250,25 @@ class CausalLM(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[ARCHITECTURE_KEY] = _qualified_name(type(self))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool | None = True, **kwargs):
+        """Lightning's ``load_from_checkpoint``, reading with ``weights_only=True`` and refusing a checkpoint
+        of another architecture. ``CausalLM.load_from_checkpoint(path)`` builds whichever one it holds."""
+        stored = checkpoint_architecture(checkpoint_path)
+        target = stored if cls is CausalLM else cls
+        if stored is not None and stored is not target:
+            raise ValueError(f"{checkpoint_path} holds a {stored.__name__} model, not a {cls.__name__}: load it with "
+                             f"{stored.__name__}.load_from_checkpoint or CausalLM.load_from_checkpoint")
+        if target is None:
+            raise ValueError(f"{checkpoint_path} records no llmzoo architecture: load it with the model's own class")
+        return super(CausalLM, target).load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict,
+                                                            weights_only=weights_only, **kwargs)
+
     # ----------------------------------------------------------------- introspection
     def num_parameters(self, non_embedding: bool = False) -> int:
         """Parameter count; ``non_embedding`` leaves out the token and learned position embeddings."""
@@ -271,6 +298,38 @@ class CausalLM(L.LightningModule):
         """Bytes the weights take in fp32, bf16 and int8 (no activations, gradients or optimizer state)."""
         n = self.num_parameters()
         return {"fp32": 4 * n, "bf16": 2 * n, "int8": n}
+
+
+ARCHITECTURE_KEY = "llmzoo_architecture"
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def checkpoint_architecture(checkpoint_path) -> type[CausalLM] | None:
+    """The llmzoo class a checkpoint file was saved from (None if it records none). Reads only the
+    pickle's metadata (tensors are memory-mapped) with ``weights_only=True``; a truncated, corrupted or
+    unsafe file raises a ``ValueError`` that says so."""
+    if not isinstance(checkpoint_path, (str, os.PathLike)):
+        return None  # a file object: Lightning reads it as is
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (or use --ckpt_path last)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"refusing to load {path}: it holds objects that are not plain tensors and containers "
+                         f"(weights_only=True); only load checkpoints you trust ({str(error).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(f"cannot read checkpoint {path}: the file is truncated, corrupted or not a PyTorch "
+                         f"checkpoint ({str(error).splitlines()[0]})") from None
+    name = checkpoint.get(ARCHITECTURE_KEY) if isinstance(checkpoint, dict) else None
+    if name is None:
+        return None
+    if name not in CausalLM.registry:
+        raise ValueError(f"{path} holds a {name} model, a class not imported in this process: import it first")
+    return CausalLM.registry[name]
 
 
 def warmup_cosine(step: int, warmup_steps: int, decay_steps: int | None, min_ratio: float) -> float:
