@@ -93,7 +93,7 @@ class MoE(nn.Module):
         counts = torch.bincount(experts.flatten(), minlength=self.num_experts)
         offsets = counts.cumsum(0).to(torch.int32)
 
-        gate, up = F.grouped_mm(x[token], self.gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        gate, up = F.grouped_mm(x.index_select(0, token), self.gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         y = F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offsets)  # [N*k, D]
         y = y * weights.flatten()[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y)
