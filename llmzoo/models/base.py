@@ -186,11 +186,25 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
-        """Compile the blocks in place (state-dict names stay) when ``compile`` is set; once."""
-        if self.hparams.compile and not getattr(self, "_blocks_compiled", False):
+        """Called by Lightning before training. Under ``ModelParallelStrategy`` (FSDP2) shard every block and
+        then the rest of the model over the data-parallel mesh; with ``compile`` compile each block in
+        place (state-dict names stay). Idempotent."""
+        if getattr(self, "_configured", False):
+            return
+        if self.hparams.compile:
             for block in self.blocks:
                 block.compile()
-            self._blocks_compiled = True
+        mesh = self.device_mesh
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+            data_parallel = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+            for block in self.blocks:
+                fully_shard(block, mesh=data_parallel)
+            fully_shard(self, mesh=data_parallel)
+            # training and validation reach the weights through token_nll, not forward
+            register_fsdp_forward_method(self, "token_nll")
+        self._configured = True
 
     @staticmethod
     def split_batch(batch: Tensor | dict) -> tuple[Tensor, Tensor, Tensor | None]:
