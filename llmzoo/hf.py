@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import sys
-import tempfile
+import uuid
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -507,21 +507,24 @@ def _new_directory(directory: str | os.PathLike, overwrite: bool) -> Iterator[Pa
             raise FileExistsError(f"{target} is not empty and holds no config.json: refusing to replace a "
                                   f"directory that is not a model directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    temporary = _sibling(target, "partial")
+    temporary.mkdir()  # the umask applies, as for any directory the user makes
     try:
         yield temporary
-        umask = os.umask(0)
-        os.umask(umask)
-        temporary.chmod(0o777 & ~umask)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            target.rename(old / target.name)
+            old = _sibling(target, "old")
+            target.rename(old)
             temporary.rename(target)
             shutil.rmtree(old)
         else:
             temporary.rename(target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """A hidden, unused name beside ``path`` (same file system, so renames are atomic)."""
+    return path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{kind}"
 
 
 # ====================================================================== tokenizer
@@ -728,14 +731,12 @@ def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, ckpt_path: str | os.Path
         raise IsADirectoryError(f"{ckpt_path} is a directory: give a checkpoint file path such as model.ckpt")
     checkpoint = lightning_checkpoint(from_hf(hf_dir, dtype=dtype, allow_pickle=allow_pickle))
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{ckpt_path.name}.", suffix=".partial", dir=ckpt_path.parent)
-    os.close(handle)
+    temporary = _sibling(ckpt_path, "partial")
     try:
         torch.save(checkpoint, temporary)
         os.replace(temporary, ckpt_path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        temporary.unlink(missing_ok=True)
     return ckpt_path
 
 

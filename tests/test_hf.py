@@ -266,6 +266,7 @@ def test_hugging_face_to_checkpoint_loads_without_arguments(case, tmp_path, ids)
     with pytest.raises(FileExistsError, match="pass overwrite=True"):
         convert_hf_to_checkpoint(tmp_path / "hf", ckpt)
     convert_hf_to_checkpoint(tmp_path / "hf", ckpt, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["hf", "model.ckpt"]  # no temporary file left
 
 
 def test_converted_checkpoint_validates_and_fine_tunes(tmp_path):
