@@ -293,7 +293,7 @@ def test_lightning_cli_reads_the_checkpoint_class_and_arguments(tmp_path):
 
     hf_model("llama-mqa-tied").save_pretrained(tmp_path / "hf")
     ckpt = convert_hf_to_checkpoint(tmp_path / "hf", tmp_path / "model.ckpt")
-    cli = LightningCLI(CausalLM, Windows, subclass_mode_model=True, save_config_kwargs={"overwrite": True}, args=[
+    cli = LightningCLI(CausalLM, Windows, subclass_mode_model=True, save_config_callback=None, args=[
         "validate", "--model", "Llama", "--ckpt_path", str(ckpt), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", f"--trainer.default_root_dir={tmp_path}"])
     assert cli.model.hparams.num_kv_heads == 1 and cli.model.hparams.tie_word_embeddings
