@@ -703,19 +703,25 @@ def to_hf(model: CausalLM, directory: str | os.PathLike, tokenizer=None, dtype: 
 
 # ====================================================================== Lightning checkpoints
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+ARCHITECTURE_KEY = "llmzoo_architecture"  # where llmzoo's checkpoints record their class
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def lightning_checkpoint(model: CausalLM) -> dict:
-    """A Lightning checkpoint dict of ``model`` at step 0, as LightningCLI writes them: ``hyper_parameters``
-    name the class (``_class_path``), so ``Llama.load_from_checkpoint(p)``, ``CausalLM.load_from_checkpoint(p)``
-    (with or without ``weights_only``) and ``llmzoo fit/validate --ckpt_path p`` rebuild it. The optimizer and
-    scheduler lists are empty: ``fit`` from it starts training with fresh ones."""
+    """A Lightning checkpoint dict of ``model`` at step 0. Its class is recorded twice: under
+    ``llmzoo_architecture`` (as llmzoo's checkpoints record it) and as ``_class_path`` in ``hyper_parameters``
+    (as LightningCLI records it), so ``Llama.load_from_checkpoint(p)`` (with or without ``weights_only``) and
+    ``llmzoo fit/validate --ckpt_path p`` rebuild it. The optimizer and scheduler lists are empty: ``fit``
+    from it starts training with fresh ones."""
     import lightning
 
-    cls = type(model)
     return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__,
             "state_dict": model.state_dict(), "optimizer_states": [], "lr_schedulers": [],
-            "hyper_parameters": {"_instantiator": _INSTANTIATOR, "_class_path": f"{cls.__module__}.{cls.__qualname__}",
+            ARCHITECTURE_KEY: _class_name(type(model)),
+            "hyper_parameters": {"_instantiator": _INSTANTIATOR, "_class_path": _class_name(type(model)),
                                  **dict(model.hparams)}}
 
 
@@ -757,7 +763,7 @@ def _resolve_class(name: str | type[CausalLM]) -> type[CausalLM]:
 def load_checkpoint_model(ckpt_path: str | os.PathLike, model_class: str | type[CausalLM] | None = None) -> CausalLM:
     """The model of a Lightning checkpoint, its weights in the checkpoint's dtype (read with
     ``weights_only=True``; nothing is initialised at random). The class is the one the checkpoint
-    names (LightningCLI and :func:`convert_hf_to_checkpoint` record it), else ``model_class``."""
+    records (see :func:`lightning_checkpoint`), else ``model_class``."""
     ckpt_path = Path(ckpt_path)
     if ckpt_path.is_dir():
         raise IsADirectoryError(f"{ckpt_path} is a directory (a distributed checkpoint?): consolidate it into one "
@@ -767,7 +773,7 @@ def load_checkpoint_model(ckpt_path: str | os.PathLike, model_class: str | type[
         raise ValueError(f"{ckpt_path} is not a Lightning checkpoint of an llmzoo model "
                          f"(no state_dict / hyper_parameters)")
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k not in ("_class_path", "_instantiator")}
-    class_path = checkpoint["hyper_parameters"].get("_class_path")
+    class_path = checkpoint.get(ARCHITECTURE_KEY) or checkpoint["hyper_parameters"].get("_class_path")
     if class_path is None and model_class is None:
         raise ValueError(f"{ckpt_path} does not name its architecture: pass model_class (--model), one of "
                          f"{', '.join(ARCHITECTURES)}")

@@ -304,10 +304,13 @@ def test_checkpoint_to_hugging_face(tmp_path, bpe, ids):
     model = zoo_model("Mixtral")
     trainer = quiet_trainer(max_steps=1)
     trainer.fit(model, datamodule=Windows())
-    trainer.save_checkpoint(tmp_path / "trained.ckpt")  # a plain Trainer's checkpoint: no class recorded
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    anonymous = torch.load(tmp_path / "trained.ckpt", weights_only=True)  # a checkpoint that records no class
+    anonymous.pop("llmzoo_architecture", None)
+    torch.save(anonymous, tmp_path / "anonymous.ckpt")
     with pytest.raises(ValueError, match="does not name its architecture: pass model_class"):
-        convert_checkpoint_to_hf(tmp_path / "trained.ckpt", tmp_path / "hf")
-    convert_checkpoint_to_hf(tmp_path / "trained.ckpt", tmp_path / "hf", ZooTokenizer(bpe), model_class="Mixtral")
+        convert_checkpoint_to_hf(tmp_path / "anonymous.ckpt", tmp_path / "hf")
+    convert_checkpoint_to_hf(tmp_path / "anonymous.ckpt", tmp_path / "hf", ZooTokenizer(bpe), model_class="Mixtral")
     model.eval()
     assert max_diff(model, load_transformers(tmp_path / "hf"), ids) <= ATOL
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|eos|>"
