@@ -50,6 +50,14 @@ def test_rope_rotates_pairs_and_preserves_norm():
     assert torch.allclose(dot(3, 1), dot(10, 8), atol=1e-5)
 
 
+def test_rope_frequencies_stay_float32_when_the_model_is_cast():
+    rope = RotaryEmbedding(64, theta=500000.0).to(torch.bfloat16)
+    assert rope.inv_freq.dtype == torch.float32
+    assert torch.equal(rope.inv_freq, rope_inverse_frequencies(64, 500000.0))
+    cos, _ = rope(torch.tensor([[4000]]), dtype=torch.bfloat16)
+    assert cos.dtype == torch.bfloat16
+
+
 def test_rope_scaling_variants():
     base = rope_inverse_frequencies(16, 10000.0)
     assert torch.allclose(rope_inverse_frequencies(16, 10000.0, {"rope_type": "linear", "factor": 4.0}), base / 4)

@@ -68,8 +68,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, theta, scaling), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # follow the model's device but never its dtype: bf16 frequencies are off by radians at long positions
+        exact = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = exact.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, head_dim / 2]
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, head_dim / 2]
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -1,6 +1,6 @@
 """Sharded training (FSDP2 through Lightning's ModelParallelStrategy) on 2 CPU processes with gloo:
-6 steps straight, then 3 steps + save + resume to 6 from the distributed checkpoint. Prints, per rank,
-a digest of the final weights of both runs, the resumed run's step and its losses.
+6 steps straight, then 3 steps + save + resume to 6 from the distributed checkpoint. Writes, per rank,
+a digest of the final weights of both runs, the resumed run's step and its losses to OUT/rankN.txt.
 Run by tests/test_distributed.py."""
 
 import sys
@@ -44,5 +44,7 @@ first_trainer, _ = fit(3)
 first_trainer.save_checkpoint(out / "step3")
 resumed_trainer, resumed = fit(6, ckpt_path=out / "step3")
 metrics = {k: round(float(v), 6) for k, v in resumed_trainer.callback_metrics.items()}
-print(f"RANK {straight_trainer.global_rank} STRAIGHT {digest(straight):.12e} RESUMED {digest(resumed):.12e} "
-      f"STEP {resumed_trainer.global_step} TRAIN_LOSS {metrics['train/loss']} VAL_LOSS {metrics['val/loss']}")
+# one file per rank: the ranks' stdout lines interleave
+(out / f"rank{straight_trainer.global_rank}.txt").write_text(
+    f"RANK {straight_trainer.global_rank} STRAIGHT {digest(straight):.12e} RESUMED {digest(resumed):.12e} "
+    f"STEP {resumed_trainer.global_step} TRAIN_LOSS {metrics['train/loss']} VAL_LOSS {metrics['val/loss']}")
