@@ -37,6 +37,7 @@ class KVCache(nn.Module):
         # slot held by each buffer position (-1: empty); only needed by the rolling buffer
         self.register_buffer("slots", torch.full((size,), -1, dtype=torch.long, device=device),
                              persistent=False)
+        self.register_buffer("all_slots", torch.arange(max_length, device=device), persistent=False)
         self.length = 0
 
     @property
@@ -56,11 +57,11 @@ class KVCache(nn.Module):
         if start + new > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} slots; {start} used, {new} more asked")
         self.length = start + new
-        new_slots = torch.arange(start, start + new, device=k.device)
+        new_slots = self.all_slots[start:start + new]
         if not self.rolling:
             self.k[:, :, start:start + new] = k
             self.v[:, :, start:start + new] = v
-            return self.k[:, :, :start + new], self.v[:, :, :start + new], torch.arange(start + new, device=k.device)
+            return self.k[:, :, :start + new], self.v[:, :, :start + new], self.all_slots[:start + new]
         if new == 1:  # decode step: overwrite the oldest slot in place, attend over the buffer
             index = new_slots % self.size
             self.k.index_copy_(2, index, k)
