@@ -89,7 +89,10 @@ def main() -> None:
     parser.add_argument("--part", choices=["hf", "cache", "window", "all"], default="all")
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     print(f"fp32 on {hardware()}, transformers {transformers.__version__}")
     if args.part in ("hf", "all"):

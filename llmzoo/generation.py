@@ -304,9 +304,11 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor | None, config: Gen
 
 @contextmanager
 def _kv_cache(model, batch_size: int, max_length: int, max_rollback: int = 0, enabled: bool = True):
-    """A KV cache preallocated for the whole call, dropped afterwards."""
+    """A KV cache preallocated for the whole call (or none), dropped afterwards."""
     if enabled:
         model.setup_kv_cache(batch_size, max_length, max_rollback=max_rollback)
+    else:
+        model.clear_kv_cache()
     try:
         yield
     finally:
@@ -474,7 +476,7 @@ def _beam_search(model, tokens: Tensor, mask: Tensor | None, prompt_length: int,
     device = tokens.device
     seqs = tokens.repeat_interleave(beams, dim=0)  # [B * beams, total], running beams of row b at b*beams ...
     mask = None if mask is None else mask.repeat_interleave(beams, dim=0)
-    eos = torch.tensor(eos, device=device)
+    eos = torch.tensor(eos, dtype=torch.long, device=device)
     first_rows = torch.arange(batch, device=device)[:, None] * beams
     among_best = torch.arange(width, device=device) < beams
     running = torch.full((batch, beams), NEG_INF, device=device)
