@@ -100,17 +100,20 @@ def main() -> None:
         print(f"llama {r['params'] / 1e6:.1f}M parameters, greedy, prompt {PROMPT} + {args.new_tokens} new tokens")
         for batch in (1, 8):
             b = r[batch]
-            print(f"  batch {batch}: HF {b['hf']:7.1f} tokens/s ({summary(b['times']['hf'])}), llmzoo {b['llmzoo']:7.1f} "
-                  f"tokens/s ({summary(b['times']['llmzoo'])}); ratio {b['ratio']:.2f}x; same tokens: {b['same_tokens']}")
+            print(f"  batch {batch}: HF {b['hf']:7.1f} tokens/s ({summary(b['times']['hf'])}), "
+                  f"llmzoo {b['llmzoo']:7.1f} tokens/s ({summary(b['times']['llmzoo'])}); "
+                  f"ratio {b['ratio']:.2f}x; same tokens: {b['same_tokens']}")
     if args.part in ("cache", "all"):
         r = cache_speedup()
         print(f"KV cache, batch 1, 512 new tokens: {r['cache']:.1f} tokens/s with, {r['no cache']:.1f} without; "
               f"speed-up {r['ratio']:.1f}x")
     if args.part in ("window", "all"):
         r = cache_memory()
-        print(f"KV-cache bytes at the last step / median ms per token over the last 64 (Mistral window 128), {PROMPT}-token prompt:")
+        print(f"KV-cache bytes at the last step / median ms per token over the last 64 "
+              f"(Mistral window 128, {PROMPT}-token prompt):")
         for (name, length), v in r.items():
-            print(f"  {name:8s} {length:5d} new tokens: {v['bytes'] / 2**20:6.2f} MiB, {v['ms_per_token']:.2f} ms/token")
+            print(f"  {name:8s} {length:5d} new tokens: {v['bytes'] / 2**20:6.2f} MiB, "
+                  f"{v['ms_per_token']:.2f} ms/token")
 
 
 if __name__ == "__main__":

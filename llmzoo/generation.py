@@ -289,16 +289,15 @@ def _decode(model, input_ids: Tensor, attention_mask: Tensor | None, config: Gen
     try:
         for m in models:
             m.eval()
+        stops = _Stops(config, decode, tokens, length)
         if config.num_beams > 1:
             yield from _beam_search(model, tokens, mask, length, config, decode)
         elif draft_model is not None:
-            yield from _speculative(model, draft_model, tokens, mask, length, config, _Stops(config, decode, tokens, length),
-                                    generator)
+            yield from _speculative(model, draft_model, tokens, mask, length, config, stops, generator)
         else:
-            yield from _sample(model, tokens, mask, length, config, _Stops(config, decode, tokens, length), generator)
+            yield from _sample(model, tokens, mask, length, config, stops, generator)
     finally:
         for m, mode in zip(models, modes):
-            m.clear_kv_cache()
             m.train(mode)
 
 
@@ -418,7 +417,8 @@ def _speculative(model, draft_model, tokens: Tensor, mask: Tensor | None, prompt
             steps = min(k, total - cur - 1)
             draft_probs = []
             for i in range(steps):
-                logits = processed(_logits(draft_model, tokens, mask, drafted, cur + i, use_cache, last=1)[:, -1], cur + i)
+                logits = _logits(draft_model, tokens, mask, drafted, cur + i, use_cache, last=1)[:, -1]
+                logits = processed(logits, cur + i)
                 drafted = cur + i
                 if sampling:
                     draft_probs.append(logits.softmax(dim=-1))
@@ -491,7 +491,8 @@ def _beam_search(model, tokens: Tensor, mask: Tensor | None, prompt_length: int,
         logits = _logits(model, seqs, mask, 0, prompt_length, config.use_cache, last=1)[:, -1]
         for cur in range(prompt_length, total):
             generated = cur + 1 - prompt_length
-            log_probs = process_logits(logits.log_softmax(dim=-1), config, _history(seqs, mask, cur) if penalize else None)
+            previous = _history(seqs, mask, cur) if penalize else None
+            log_probs = process_logits(logits.log_softmax(dim=-1), config, previous)
             vocab = log_probs.shape[-1]
             scores = (log_probs.view(batch, beams, vocab) + running[..., None]).view(batch, beams * vocab)
             top_scores, top = scores.topk(width, dim=1)
@@ -523,7 +524,8 @@ def _beam_search(model, tokens: Tensor, mask: Tensor | None, prompt_length: int,
                 done = torch.cat([done, just_ended], dim=1).gather(1, best)
                 done_lengths = torch.cat([done_lengths, torch.full_like(top, generated)], dim=1).gather(1, best)
             # can a running beam still beat the worst finished hypothesis?
-            longest = total - prompt_length if config.early_stopping == "never" and config.length_penalty > 0 else generated
+            never = config.early_stopping == "never" and config.length_penalty > 0
+            longest = total - prompt_length if never else generated
             best_possible = running[:, :1] / longest ** config.length_penalty
             worst_done = torch.where(done, done_scores.min(dim=1, keepdim=True).values, NEG_INF)
             improvable &= (best_possible > worst_done).any(dim=1, keepdim=True)

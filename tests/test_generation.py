@@ -306,7 +306,8 @@ def test_speculative_greedy_equals_target_greedy(name):
                           num_draft_tokens=k, use_cache=use_cache)
         assert torch.equal(actual, expected), (k, use_cache)
     eos = int(expected[1, 15])  # rows stop on their own in the middle of accepted runs
-    assert torch.equal(generate(target, ids, attention_mask=mask, max_new_tokens=40, draft_model=draft, eos_token_id=eos),
+    assert torch.equal(generate(target, ids, attention_mask=mask, max_new_tokens=40, draft_model=draft,
+                                eos_token_id=eos),
                        generate(target, ids, attention_mask=mask, max_new_tokens=40, eos_token_id=eos))
 
 
@@ -360,7 +361,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert chi2_pvalue(from_draft, p) < 1e-3
 
 
-# --------------------------------------------------------------------------------------------- seeds, stopping, streaming
+# ------------------------------------------------------------------------------------- seeds, stopping, streaming
 def test_seed_makes_sampling_reproducible_without_touching_the_global_generator():
     model = tiny_model("Llama")
     prompt = torch.randint(0, 97, (2, 4))
@@ -417,7 +418,8 @@ def test_stop_strings_end_rows_on_the_generated_text(strategy):
     if strategy == "beams":
         return  # beams that stop change which hypothesis wins; the identity above is the test
     stop = unique_chars(free[0, 4 + 6:4 + 8].tolist())  # a string spanning new tokens 7 and 8
-    out = generate(model, prompt, max_new_tokens=30, stop_strings=[stop], decode=unique_chars, pad_token_id=96, **options)
+    out = generate(model, prompt, max_new_tokens=30, stop_strings=[stop], decode=unique_chars, pad_token_id=96,
+                   **options)
     text = unique_chars(free[0, 4:].tolist())
     end = text.index(stop) + len(stop)
     assert unique_chars(out[0, 4:4 + end].tolist()) == text[:end]

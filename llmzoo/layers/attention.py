@@ -69,10 +69,9 @@ class KVCache(nn.Module):
             self.slots.index_copy_(0, index, new_slots)
             return self.k, self.v, self.slots
         # a chunk: its queries need the old buffer (if any) and all new keys; keep the newest `size` after
-        if start == 0:
-            keys, values, slots = k, v, new_slots
-        else:
-            keys, values, slots = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.slots, new_slots])
+        keys, values, slots = k, v, new_slots
+        if start > 0:
+            keys, values, slots = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.slots, slots])
         keep = min(new, self.size)
         index = new_slots[-keep:] % self.size
         self.k.index_copy_(2, index, k[:, :, -keep:])
