@@ -17,29 +17,39 @@ from llmzoo.layers.positions import apply_rope
 class KVCache(nn.Module):
     """Keys and values of past slots, allocated once: ``k, v [B, num_kv_heads, size, head_dim]``.
 
-    Writes are appends; ``length`` counts the slots seen so far. With a sliding ``window`` shorter
-    than ``max_length`` the cache is a rolling buffer of ``window`` slots (slot ``s`` lives at
-    ``s % window``), so its memory does not grow with the output.
+    Writes are appends; ``length`` counts the slots seen so far. With a sliding ``window`` the cache is
+    a rolling buffer of ``window + max_rollback`` slots (slot ``s`` lives at ``s % size``) when that is
+    shorter than ``max_length``, so its memory does not grow with the output. ``max_rollback`` is how
+    many slots :meth:`truncate` may take back (speculative decoding); the rolling buffer keeps that
+    many extra slots so that a rollback never loses a slot the window still needs.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
                  window: int | None = None, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, max_rollback: int = 0):
         super().__init__()
-        self.max_length = max_length
-        self.rolling = window is not None and window < max_length
-        size = window if self.rolling else max_length
+        self.max_length, self.window = max_length, window
+        size = max_length if window is None else min(max_length, window + max_rollback)
+        self.rolling = size < max_length
         shape = (batch_size, num_kv_heads, size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         # slot held by each buffer position (-1: empty); only needed by the rolling buffer
         self.register_buffer("slots", torch.full((size,), -1, dtype=torch.long, device=device),
                              persistent=False)
+        self.register_buffer("all_slots", torch.arange(max_length, device=device), persistent=False)
         self.length = 0
 
     @property
     def size(self) -> int:
         return self.k.shape[2]
+
+    @property
+    def newest_sees_all(self) -> bool:
+        """Whether a query at the newest slot attends to every key :meth:`update` returned (so that, without
+        padding, it needs no mask): no empty buffer positions, and no held slot outside the window."""
+        held = min(self.length, self.size)
+        return (not self.rolling or self.length >= self.size) and (self.window is None or held <= self.window)
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Append ``k, v [B, Hkv, T, Dh]``; return the keys and values to attend over and their slots."""
@@ -47,25 +57,44 @@ class KVCache(nn.Module):
         if start + new > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} slots; {start} used, {new} more asked")
         self.length = start + new
-        new_slots = torch.arange(start, start + new, device=k.device)
+        new_slots = self.all_slots[start:start + new]
         if not self.rolling:
             self.k[:, :, start:start + new] = k
             self.v[:, :, start:start + new] = v
-            return self.k[:, :, :start + new], self.v[:, :, :start + new], torch.arange(start + new, device=k.device)
+            return self.k[:, :, :start + new], self.v[:, :, :start + new], self.all_slots[:start + new]
         if new == 1:  # decode step: overwrite the oldest slot in place, attend over the buffer
             index = new_slots % self.size
             self.k.index_copy_(2, index, k)
             self.v.index_copy_(2, index, v)
             self.slots.index_copy_(0, index, new_slots)
             return self.k, self.v, self.slots
-        # a chunk: its queries need the old buffer and all new keys; keep the newest `size` after
-        keys, values, slots = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.slots, new_slots])
+        # a chunk: its queries need the old buffer (if any) and all new keys; keep the newest `size` after
+        keys, values, slots = k, v, new_slots
+        if start > 0:
+            keys, values, slots = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.slots, slots])
         keep = min(new, self.size)
         index = new_slots[-keep:] % self.size
         self.k.index_copy_(2, index, k[:, :, -keep:])
         self.v.index_copy_(2, index, v[:, :, -keep:])
         self.slots.index_copy_(0, index, new_slots[-keep:])
         return keys, values, slots
+
+    def truncate(self, length: int) -> None:
+        """Forget the slots from ``length`` on (speculative decoding rolls back rejected tokens)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a KV cache of {self.length} slots to {length}")
+        if self.rolling:
+            if self.length - length > self.size - self.window:
+                raise ValueError(f"cannot roll back {self.length - length} slots of a rolling KV cache with "
+                                 f"{self.size - self.window} spare: set it up with a larger max_rollback")
+            self.slots.masked_fill_(self.slots >= length, -1)
+        self.length = length
+
+    def reorder(self, rows: Tensor) -> None:
+        """Make row ``i`` a copy of row ``rows[i]`` (``rows [B]``; beam search follows its beams)."""
+        held = min(self.length, self.size)
+        self.k[:, :, :held] = self.k[rows, :, :held]
+        self.v[:, :, :held] = self.v[rows, :, :held]
 
 
 def attention_mask(query_slots: Tensor, key_slots: Tensor, window: int | None = None,
@@ -114,9 +143,10 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> None:
+                       device: torch.device | str | None = None, max_rollback: int = 0) -> None:
         self.kv_cache = KVCache(batch_size, self.num_kv_heads, self.head_dim, max_length, self.sliding_window,
-                                dtype=dtype or self.qkv.weight.dtype, device=device or self.qkv.weight.device)
+                                dtype=dtype or self.qkv.weight.dtype, device=device or self.qkv.weight.device,
+                                max_rollback=max_rollback)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
                 padding_mask: Tensor | None = None) -> Tensor:
@@ -143,9 +173,7 @@ class CausalSelfAttention(nn.Module):
             if start == 0 and padding_mask is None and k.shape[2] == T and (window is None or T <= window):
                 causal = True
             else:
-                # a rolling buffer that is full holds exactly the window; a plain cache, every slot so far
-                all_visible = cache.length >= cache.size if cache.rolling else (window is None or cache.length <= window)
-                if not (T == 1 and padding_mask is None and all_visible):
+                if not (T == 1 and padding_mask is None and cache.newest_sees_all):
                     query_slots = torch.arange(start, start + T, device=x.device)
                     mask = attention_mask(query_slots, key_slots, window, padding_mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,

@@ -162,14 +162,25 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- KV cache
     def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
-                       device: torch.device | str | None = None) -> None:
-        """Preallocate every layer's KV cache for ``max_length`` slots (forward calls then append to it)."""
+                       device: torch.device | str | None = None, max_rollback: int = 0) -> None:
+        """Preallocate every layer's KV cache for ``max_length`` slots (forward calls then append to it);
+        ``max_rollback``: how many slots :meth:`truncate_kv_cache` may take back at once."""
         for block in self.blocks:
-            block.attention.setup_kv_cache(batch_size, max_length, dtype, device)
+            block.attention.setup_kv_cache(batch_size, max_length, dtype, device, max_rollback)
 
     def clear_kv_cache(self) -> None:
         for block in self.blocks:
             block.attention.kv_cache = None
+
+    def truncate_kv_cache(self, length: int) -> None:
+        """Forget the cached slots from ``length`` on (rejected draft tokens of speculative decoding)."""
+        for block in self.blocks:
+            block.attention.kv_cache.truncate(length)
+
+    def reorder_kv_cache(self, rows: Tensor) -> None:
+        """Row ``i`` of every cache becomes a copy of row ``rows[i]`` (``rows [B]``, beam search)."""
+        for block in self.blocks:
+            block.attention.kv_cache.reorder(rows)
 
     @property
     def kv_cache_length(self) -> int:
@@ -178,11 +189,13 @@ class CausalLM(L.LightningModule):
         return 0 if cache is None else cache.length
 
     # ----------------------------------------------------------------- generation
-    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs) -> Tensor:
+    def generate(self, input_ids: Tensor, max_new_tokens: int | None = None, **kwargs) -> Tensor:
         """Continue ``input_ids [B, T]``; returns ``[B, T + new]``. See :func:`llmzoo.generation.generate`."""
         from llmzoo.generation import generate
 
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        return generate(self, input_ids, **kwargs)
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
