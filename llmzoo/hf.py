@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import uuid
 import warnings
 from collections import Counter
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from llmzoo.models import ARCHITECTURES, GPT, GPT2, CausalLM, Llama, Mistral, Mixtral
+from llmzoo.models.base import ARCHITECTURE_KEY, qualified_name
 
 FAMILIES = {"openai-gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "mixtral": Mixtral}
 HF_CLASS_NAMES = {"openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
@@ -703,11 +703,6 @@ def to_hf(model: CausalLM, directory: str | os.PathLike, tokenizer=None, dtype: 
 
 # ====================================================================== Lightning checkpoints
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
-ARCHITECTURE_KEY = "llmzoo_architecture"  # where llmzoo's checkpoints record their class
-
-
-def _class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def lightning_checkpoint(model: CausalLM) -> dict:
@@ -720,8 +715,8 @@ def lightning_checkpoint(model: CausalLM) -> dict:
 
     return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__,
             "state_dict": model.state_dict(), "optimizer_states": [], "lr_schedulers": [],
-            ARCHITECTURE_KEY: _class_name(type(model)),
-            "hyper_parameters": {"_instantiator": _INSTANTIATOR, "_class_path": _class_name(type(model)),
+            ARCHITECTURE_KEY: qualified_name(type(model)),
+            "hyper_parameters": {"_instantiator": _INSTANTIATOR, "_class_path": qualified_name(type(model)),
                                  **dict(model.hparams)}}
 
 
@@ -747,17 +742,14 @@ def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, ckpt_path: str | os.Path
 
 
 def _resolve_class(name: str | type[CausalLM]) -> type[CausalLM]:
-    """A model class from itself, an architecture name (``"Llama"``) or an already imported class path."""
+    """A model class from itself, an architecture name (``"Llama"``) or the class path of an imported class."""
     if isinstance(name, type) and issubclass(name, CausalLM):
         return name
-    if name in ARCHITECTURES:
-        return ARCHITECTURES[name]
-    module, _, attr = str(name).rpartition(".")
-    cls = getattr(sys.modules.get(module), attr, None)  # never imports: a checkpoint cannot make us run code
-    if isinstance(cls, type) and issubclass(cls, CausalLM):
-        return cls
-    raise ValueError(f"unknown model class {name!r}: use one of {', '.join(ARCHITECTURES)} or import the module "
-                     f"that defines it first")
+    cls = ARCHITECTURES.get(name) or CausalLM.registry.get(name)  # never imports: a checkpoint cannot make us run code
+    if cls is None:
+        raise ValueError(f"unknown model class {name!r}: use one of {', '.join(ARCHITECTURES)} or import the module "
+                         f"that defines it first")
+    return cls
 
 
 def load_checkpoint_model(ckpt_path: str | os.PathLike, model_class: str | type[CausalLM] | None = None) -> CausalLM:

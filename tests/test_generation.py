@@ -18,16 +18,6 @@ ARCHS = sorted(TINY_CONFIGS)
 INF = float("-inf")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a loaded machine every small op then waits
-    for a descheduled thread: these tests ran 25x slower (260 s instead of 10 s) with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def padded_batch(lengths, vocab=97, total=None, pad=0):
     """Random prompts of ``lengths``, left-padded with ``pad`` into ``[B, total]``, and their attention mask."""
     total = total or max(lengths)

@@ -54,7 +54,7 @@ class CausalLM(L.LightningModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        CausalLM.registry[_qualified_name(cls)] = cls
+        CausalLM.registry[qualified_name(cls)] = cls
 
     def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, num_layers: int,
                  max_position_embeddings: int, dropout: float = 0.0, tie_word_embeddings: bool = False, *,
@@ -279,7 +279,7 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[ARCHITECTURE_KEY] = _qualified_name(type(self))
+        checkpoint[ARCHITECTURE_KEY] = qualified_name(type(self))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
@@ -330,7 +330,7 @@ class CausalLM(L.LightningModule):
 ARCHITECTURE_KEY = "llmzoo_architecture"
 
 
-def _qualified_name(cls: type) -> str:
+def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
