@@ -12,6 +12,7 @@ See docs/cli.md.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -146,8 +147,14 @@ def option_value(args: list[str], option: str) -> str | None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``llmzoo`` console script and ``python -m llmzoo``."""
-    LLMZooCLI(args=args)
+    """Entry point of the ``llmzoo`` console script and ``python -m llmzoo``. Bad input (a missing file, a
+    wrong setting) ends with a one-line error; ``LLMZOO_DEBUG=1`` shows the traceback instead."""
+    try:
+        LLMZooCLI(args=args)
+    except (FileNotFoundError, ValueError) as error:
+        if os.environ.get("LLMZOO_DEBUG"):
+            raise
+        sys.exit(f"llmzoo: error: {error}")
 
 
 if __name__ == "__main__":
