@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny import TINY_CONFIGS
+from tiny import TINY_CONFIGS, tiny_model
 
 from llmzoo import ARCHITECTURES
 from llmzoo.callbacks import complete
@@ -48,7 +48,8 @@ def scalars(run_dir: Path, tag: str) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every preset fitted for 3 steps on a small corpus, two runs at a time; then each checkpoint
-    validated, the first (1-step) run resumed to step 3 with ``--ckpt_path last``, and a greedy generation."""
+    validated, the first (1-step) run resumed to step 3 with ``--ckpt_path last``, a greedy generation and a
+    prediction."""
     tmp = tmp_path_factory.mktemp("cli")
     corpus = tmp / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)))
@@ -67,9 +68,11 @@ def runs(tmp_path_factory):
                              "--trainer.default_root_dir", tmp / "warm", "--ckpt_path", "last")
         generate = pool.submit(llmzoo, "generate", "--ckpt_path", tmp / "Llama" / "checkpoints" / "last.ckpt",
                                "--prompt", "def f", "--max_new_tokens", "12", "--do_sample", "false")
+        predict = pool.submit(llmzoo, "predict", "--ckpt_path", tmp / "Mixtral" / "checkpoints" / "last.ckpt",
+                              "--trainer.limit_predict_batches", "2", "--trainer.default_root_dir", tmp / "predict")
         validates = {name: check(future.result()) for name, future in validates.items()}
         return dict(tmp=tmp, fits=fits, validates=validates, resume=check(resume.result()),
-                    generate=check(generate.result()))
+                    generate=check(generate.result()), predict=predict.result())
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -104,6 +107,21 @@ def test_generate_uses_the_checkpoint_weights_and_tokenizer(runs):
     model = ARCHITECTURES["Llama"].load_from_checkpoint(path)
     expected = complete(model, load_tokenizer_for_checkpoint(path), "def f", 12, do_sample=False)
     assert runs["generate"].stdout.endswith("def f" + expected + "\n")
+
+
+def test_predict_runs_from_a_checkpoint(runs):
+    check(runs["predict"])
+    assert "Restoring states from the checkpoint path" in runs["predict"].stderr
+
+
+def test_predict_step_gives_the_negative_log_likelihood_of_every_token():
+    model = tiny_model("Llama").eval()
+    batch = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        nll = model.predict_step(batch, 0)
+        total, count, _ = model.token_nll(batch, reduction="sum")
+    assert nll.shape == (3, 8) and count == 24
+    assert nll.sum().item() == pytest.approx(total.item(), rel=1e-5)
 
 
 def test_bad_path_is_a_one_line_error(tmp_path):
