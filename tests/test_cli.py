@@ -1,6 +1,7 @@
 """The ``llmzoo`` command end to end: fit and validate every architecture's preset (shrunk) as subprocesses,
 resume with ``--ckpt_path last``, generate from a checkpoint, and the paper-size presets."""
 
+import json
 import os
 import subprocess
 import sys
@@ -52,7 +53,10 @@ def runs(tmp_path_factory):
     prediction."""
     tmp = tmp_path_factory.mktemp("cli")
     corpus = tmp / "corpus.txt"
-    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400)))
+    functions = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)]
+    corpus.write_text("\n".join(functions))
+    documents = tmp / "corpus.jsonl"  # one document per function, for the stream
+    documents.write_text("".join(json.dumps({"text": f}) + "\n" for f in functions))
     common = ["--data.path", corpus, "--data.cache_dir", tmp / "cache", *SHRINK]
     with ThreadPoolExecutor(2) as pool:
         check(llmzoo("fit", "--config", CONFIGS / "gpt2.yaml", *common, "--trainer.max_steps", "1",
@@ -70,8 +74,16 @@ def runs(tmp_path_factory):
                                "--prompt", "def f", "--max_new_tokens", "12", "--do_sample", "false")
         predict = pool.submit(llmzoo, "predict", "--ckpt_path", tmp / "Mixtral" / "checkpoints" / "last.ckpt",
                               "--trainer.limit_predict_batches", "2", "--trainer.default_root_dir", tmp / "predict")
+        streaming = pool.submit(llmzoo, "fit", "--model", "Llama", "--model.embed_dim", "32", "--model.num_heads", "4",
+                                "--model.num_layers", "1", "--model.max_position_embeddings", "64",
+                                "--data", "StreamingTextDataModule", "--data.path", documents, "--data.val_path", documents,
+                                "--data.tokenizer", "char", "--data.seq_len", "32", "--data.num_workers", "2",
+                                "--data.cache_dir", tmp / "cache", "--trainer.max_steps", "4",
+                                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "2",
+                                "--trainer.log_every_n_steps", "1",
+                                "--trainer.default_root_dir", tmp / "streaming")
         validates = {name: check(future.result()) for name, future in validates.items()}
-        return dict(tmp=tmp, fits=fits, validates=validates, resume=check(resume.result()),
+        return dict(streaming=check(streaming.result()), tmp=tmp, fits=fits, validates=validates, resume=check(resume.result()),
                     generate=check(generate.result()), predict=predict.result())
 
 
@@ -91,6 +103,13 @@ def test_fit_then_validate_every_architecture(runs, name):
     # validate rebuilds model and data from the checkpoint alone and reproduces the loss of fit's last validation
     assert scalars(validate_log, "val/loss") == pytest.approx(scalars(fit_log, "val/loss")[-1:], rel=1e-5)
     assert "val/loss" in runs["validates"][name].stdout
+
+
+def test_fit_with_options_only_and_the_streaming_datamodule(runs):
+    log = runs["tmp"] / "streaming" / "lightning_logs" / "version_0"
+    assert len(scalars(log, "train/loss")) == 4 and len(scalars(log, "val/loss")) == 2
+    config = yaml.safe_load((log / "config.yaml").read_text())
+    assert config["data"]["class_path"] == "llmzoo.data.StreamingTextDataModule"
 
 
 def test_fit_resumes_with_ckpt_path_last(runs):
