@@ -12,6 +12,8 @@ Speed: the same model trained by a plain PyTorch loop (this file with ``--plain`
 (the same TextDataModule windows), with the same optimizer, schedule, clipping and validation work.
 Each run is a fresh process, plain and llmzoo in turns; the ratio is of process wall times,
 llmzoo / plain (target <= 1.10), and of the training spans (first step to last validation).
+``--simultaneous`` runs each pair at the same time with one torch thread each instead: on a machine
+shared with other work, both then see the same background load.
 """
 
 from __future__ import annotations
@@ -73,33 +75,55 @@ def plain_loop(corpus: str, cache_dir: str) -> dict:
     return {"val_loss": val_losses, "train_seconds": time.time() - start}
 
 
-def run_llmzoo(corpus: str, cache_dir: str, root: str) -> dict:
+def start(command: list[str], threads: int | None) -> tuple[subprocess.Popen, float]:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    return process, time.perf_counter()
+
+
+def finish(started: tuple[subprocess.Popen, float]) -> tuple[str, float]:
+    process, start_time = started
+    stdout = process.communicate()[0]
+    wall = time.perf_counter() - start_time
+    if process.returncode:
+        raise RuntimeError(f"{process.args} failed with exit code {process.returncode}")
+    return stdout, wall
+
+
+def llmzoo_command(corpus: str, cache_dir: str, root: str, seed: int | None = None) -> list[str]:
+    seeds = [] if seed is None else ["--seed_everything", str(seed), "--data.seed", str(seed)]
+    return [sys.executable, "-m", "llmzoo", "fit", "--config", str(CONFIG), "--data.path", corpus,
+            "--data.cache_dir", cache_dir, "--trainer.default_root_dir", root, *seeds]
+
+
+def plain_command(corpus: str, cache_dir: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.shakespeare", "--plain", "--corpus", corpus, "--cache_dir", cache_dir]
+
+
+def llmzoo_result(root: str, wall: float) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    command = [sys.executable, "-m", "llmzoo", "fit", "--config", str(CONFIG), "--data.path", corpus,
-               "--data.cache_dir", cache_dir, "--trainer.default_root_dir", root]
-    start = time.perf_counter()
-    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
     events = EventAccumulator(str(Path(root) / "lightning_logs" / "version_0"))
     events.Reload()
     val = events.Scalars("val/loss")
     first_step = events.Scalars("train/loss")[0]
-    return {"val_loss": {e.step: e.value for e in val}, "wall_seconds": wall,
+    # Lightning logs a validation run inside step k with the step counter at k - 1
+    return {"val_loss": {e.step + 1: e.value for e in val}, "wall_seconds": wall,
             "train_seconds": val[-1].wall_time - first_step.wall_time}
 
 
-def run_plain(corpus: str, cache_dir: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks.shakespeare", "--plain", "--corpus", corpus, "--cache_dir", cache_dir]
-    start = time.perf_counter()
-    result = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True)
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), "wall_seconds": time.perf_counter() - start}
+def plain_result(stdout: str, wall: float) -> dict:
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {**result, "val_loss": {int(step): loss for step, loss in result["val_loss"].items()}, "wall_seconds": wall}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", default=str(SHAKESPEARE), help="tinyshakespeare.txt")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="timed pairs (plain, llmzoo) at the config's seed")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[],
+                        help="more llmzoo runs (quality only) with these seeds for the model and the data")
+    parser.add_argument("--simultaneous", action="store_true", help="run plain and llmzoo at once, 1 thread each")
     parser.add_argument("--plain", action="store_true", help="run only the plain PyTorch loop (prints JSON)")
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -108,26 +132,40 @@ def main() -> None:
         return
     from benchmarks.common import hardware
 
-    print(f"Shakespeare char, nanoGPT baby settings, on {hardware()}", flush=True)
+    mode = "simultaneous runs, 1 torch thread each" if args.simultaneous else "runs in turns"
+    print(f"Shakespeare char, nanoGPT baby settings, {mode}, on {hardware()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        from llmzoo.data import TextDataModule  # the token cache both runs read, made before the timings
+        from llmzoo.data import (
+            TextDataModule,  # the token cache both runs read, made before the timings
+        )
 
         config = yaml.safe_load(CONFIG.read_text())
         TextDataModule(**{**config["data"]["init_args"], "path": args.corpus, "cache_dir": tmp}).prepare_data()
         results = {"plain": [], "llmzoo": []}
+        threads = 1 if args.simultaneous else None
         for repeat in range(args.repeats):
-            results["plain"].append(run_plain(args.corpus, tmp))
-            results["llmzoo"].append(run_llmzoo(args.corpus, tmp, f"{tmp}/run{repeat}"))
+            root = f"{tmp}/run{repeat}"
+            plain = start(plain_command(args.corpus, tmp), threads)
+            if not args.simultaneous:
+                plain = finish(plain)
+            ours = finish(start(llmzoo_command(args.corpus, tmp, root), threads))
+            results["plain"].append(plain_result(*(finish(plain) if args.simultaneous else plain)))
+            results["llmzoo"].append(llmzoo_result(root, ours[1]))
             for name in results:
                 r = results[name][-1]
                 print(f"  {name:7s} wall {r['wall_seconds']:6.1f} s  training {r['train_seconds']:6.1f} s  val loss "
-                      + "  ".join(f"{step}: {loss:.4f}" for step, loss in sorted(r["val_loss"].items(),
-                                                                                   key=lambda item: int(item[0]))),
+                      + "  ".join(f"{step}: {loss:.4f}" for step, loss in sorted(r["val_loss"].items())),
                       flush=True)
+        final = {config["seed_everything"]: results["llmzoo"][0]["val_loss"][2000]}
+        for seed in args.seeds:
+            root = f"{tmp}/seed{seed}"
+            wall = finish(start(llmzoo_command(args.corpus, tmp, root, seed), None))[1]
+            final[seed] = llmzoo_result(root, wall)["val_loss"][2000]
+            print(f"  llmzoo seed {seed}: val loss at step 2000 {final[seed]:.4f}", flush=True)
     median = {name: {key: statistics.median(r[key] for r in runs) for key in ("wall_seconds", "train_seconds")}
               for name, runs in results.items()}
-    final = [r["val_loss"][max(r["val_loss"], key=int)] for r in results["llmzoo"]]
-    print(f"llmzoo val loss at step 2000: {', '.join(f'{v:.4f}' for v in final)} (target <= 1.89)")
+    print("llmzoo val loss at step 2000: " + ", ".join(f"{v:.4f} (seed {k})" for k, v in final.items())
+          + (f"; mean {statistics.mean(final.values()):.4f}" if len(final) > 1 else "") + " (target <= 1.89)")
     for key in ("wall_seconds", "train_seconds"):
         print(f"{key.split('_')[0]} time llmzoo / plain: {median['llmzoo'][key] / median['plain'][key]:.3f} "
               f"({median['llmzoo'][key]:.1f} s / {median['plain'][key]:.1f} s; target <= 1.10)")

@@ -19,13 +19,13 @@ from pathlib import Path
 import lightning as L
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from llmzoo.callbacks import Checkpoint, TokensPerSecond, checkpoint_dir, complete
-from llmzoo.data import LanguageDataModule, StreamingTextDataModule, TextDataModule  # noqa: F401 (--data names)
+from llmzoo.data import LanguageDataModule  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
-from llmzoo.models import ARCHITECTURES, CausalLM  # noqa: F401 (--model names)
+from llmzoo.models import CausalLM  # with every architecture: --model Llama
 
 EVALUATION = ("validate", "test", "predict", "generate")  # subcommands that use a trained checkpoint
 
@@ -72,9 +72,9 @@ class LLMZooCLI(LightningCLI):
 
     Adds: the model's ``vocab_size`` linked from the datamodule's tokenizer; a :class:`Checkpoint`
     (``--checkpoint.*``) in ``<default_root_dir>/checkpoints`` keeping ``last.ckpt``; learning rate and
-    tokens/s logging; ``generate``. For ``validate``/``test``/``predict``/``generate`` with a checkpoint
-    file, the model and data classes and arguments come from the checkpoint unless given, and the data
-    uses the checkpoint's tokenizer.
+    tokens/s logging; a tqdm progress bar (unless the config has one); ``generate``. For
+    ``validate``/``test``/``predict``/``generate`` with a checkpoint file, the model and data classes and
+    arguments come from the checkpoint unless given, and the data uses the checkpoint's tokenizer.
     """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
@@ -101,16 +101,20 @@ class LLMZooCLI(LightningCLI):
         config = self.config[self.subcommand]
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = checkpoint_dir(config.trainer.default_root_dir)
-        ckpt_path = config.get("ckpt_path")
-        data = config.get("data")
-        if self.subcommand in EVALUATION and ckpt_path and Path(ckpt_path).is_file() and data is not None:
-            if data.init_args.get("tokenizer") in TOKENIZER_KINDS:  # never train a new tokenizer for a trained model
-                data.init_args.tokenizer = ckpt_path
+        ckpt_path, data = config.get("ckpt_path"), config.get("data")
+        if (self.subcommand in EVALUATION and ckpt_path and Path(ckpt_path).is_file() and data is not None
+                and data.init_args.get("tokenizer") in TOKENIZER_KINDS):  # never train a tokenizer for a trained model
+            data.init_args.tokenizer = ckpt_path
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        logger = self._get(self.config_init, "trainer", {}).get("logger")
-        monitors = [LearningRateMonitor(logging_interval="step")] if logger is not False else []
-        self.trainer_defaults["callbacks"] = [TokensPerSecond(), *monitors]
+        trainer = self._get(self.config_init, "trainer", {})
+        defaults = [TokensPerSecond()]
+        if trainer.get("logger") is not False:
+            defaults.append(LearningRateMonitor(logging_interval="step"))
+        if trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(callback, ProgressBar) for callback in trainer.get("callbacks") or []):
+            defaults.append(TQDMProgressBar())  # the same bar whether rich is installed or not, and light
+        self.trainer_defaults["callbacks"] = defaults
         return super().instantiate_trainer(**kwargs)
 
 

@@ -43,13 +43,19 @@ def test_bpe_round_trips_any_text(bpe, text):
 
 
 def test_bpe_merges_frequent_text(bpe):
-    assert len(bpe.encode("The quick brown fox")) < len("The quick brown fox".encode()) / 2
+    assert len(bpe.encode("The quick brown fox")) < len(b"The quick brown fox") / 2
 
 
 def test_special_tokens_decode_or_skip(bpe):
     ids = [bpe.bos_token_id, *bpe.encode("hi"), bpe.eos_token_id]
     assert bpe.decode(ids) == "hi"
     assert bpe.decode(ids, skip_special_tokens=False) == "<|bos|>hi<|eos|>"
+
+
+def test_text_spelling_a_special_token_stays_text(bpe, tmp_path):
+    ids = bpe.encode("a<|eos|>b")
+    assert bpe.eos_token_id not in ids and bpe.decode(ids) == "a<|eos|>b"
+    assert Tokenizer.from_file(bpe.save(tmp_path)).encode("a<|eos|>b") == ids  # also once loaded again
 
 
 def test_char_tokenizer_round_trip_and_unknown_characters():

@@ -21,6 +21,7 @@ from llmzoo.data.sources import atomic_path, cache_dir, cache_key, read_pieces, 
 from llmzoo.data.tokenizer import CHECKPOINT_KEY, Tokenizer, load_tokenizer_for_checkpoint
 
 TOKENIZER_KINDS = {"bpe": "byte-level BPE", "char": "character-level"}
+TOKEN_FILE_VERSION = 1  # part of the token cache key: bump when the way text becomes tokens changes
 # TokenWindows and PackedStream split the work over DataLoader workers themselves
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
@@ -140,7 +141,7 @@ class TextDataModule(LanguageDataModule):
     def token_file(self) -> Path:
         """The cached token file of the corpus, written (atomically, with a progress bar) if missing."""
         tokenizer = self.tokenizer
-        key = cache_key(self.files, self.hparams.text_field, tokenizer.to_str())
+        key = cache_key(self.files, self.hparams.text_field, tokenizer.to_str(), TOKEN_FILE_VERSION)
         path = cache_dir(self.hparams.cache_dir) / f"tokens-{key}.{np.dtype(self.token_dtype).name}"
         if path.exists():
             return path

@@ -23,12 +23,15 @@ CHECKPOINT_KEY = "tokenizer.json"  # where the datamodule's state keeps the toke
 class Tokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` (attribute ``tokenizer``) and the names of its special tokens.
 
-    ``encode`` never adds special tokens: documents are separated by ``eos_token_id`` when the data is packed.
-    ``bos_token`` and ``pad_token`` may be None for a loaded tokenizer that has none; ``eos_token`` is required.
+    ``encode`` never makes special tokens: text is text, even text that spells ``"<|eos|>"`` (so a document
+    cannot inject a control token, and ``decode(encode(text)) == text`` for any text); documents are
+    separated by ``eos_token_id`` when the data is packed. ``bos_token`` and ``pad_token`` may be None for a
+    loaded tokenizer that has none; ``eos_token`` is required.
     """
 
     def __init__(self, tokenizer: HFTokenizer, bos_token: str | None = BOS, eos_token: str = EOS,
                  pad_token: str | None = PAD):
+        tokenizer.encode_special_tokens = True  # special-token strings in the text are encoded as plain text
         self.tokenizer, self.bos_token, self.eos_token, self.pad_token = tokenizer, bos_token, eos_token, pad_token
         missing = [token for token in (bos_token, eos_token, pad_token)
                    if token is not None and tokenizer.token_to_id(token) is None]
