@@ -1,4 +1,5 @@
-"""Callbacks the CLI adds by default (tokens/s, a checkpoint that ``--ckpt_path last`` finds) and a sampler."""
+"""Callbacks the CLI adds by default (tokens/s, a light progress bar, a checkpoint that ``--ckpt_path last``
+finds) and a sampler."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 
@@ -32,6 +33,22 @@ class TokensPerSecond(L.Callback):
             now = time.perf_counter()
             pl_module.log("train/tokens_per_sec", self.tokens / (now - self.start), prog_bar=True)
             self.tokens, self.start, self.logged_step = 0, now, step
+
+
+class ThrottledProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, redrawn at most every ``interval`` seconds during training: Lightning redraws it
+    after every batch, which costs about 1 ms a step (3% of a small model's step on a CPU)."""
+
+    def __init__(self, interval: float = 0.2, **kwargs):
+        super().__init__(**kwargs)
+        self.interval, self.drawn = interval, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        now = time.monotonic()
+        last = batch_idx + 1 == self.train_progress_bar.total or trainer.global_step == trainer.max_steps
+        if now - self.drawn >= self.interval or last:
+            self.drawn = now
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 class Checkpoint(ModelCheckpoint):

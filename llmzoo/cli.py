@@ -19,10 +19,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 
-from llmzoo.callbacks import Checkpoint, TokensPerSecond, checkpoint_dir, complete
+from llmzoo.callbacks import Checkpoint, ThrottledProgressBar, TokensPerSecond, checkpoint_dir, complete
 from llmzoo.data import LanguageDataModule  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
@@ -113,7 +113,7 @@ class LLMZooCLI(LightningCLI):
             defaults.append(LearningRateMonitor(logging_interval="step"))
         if trainer.get("enable_progress_bar") is not False and not any(
                 isinstance(callback, ProgressBar) for callback in trainer.get("callbacks") or []):
-            defaults.append(TQDMProgressBar())  # the same bar whether rich is installed or not, and light
+            defaults.append(ThrottledProgressBar())  # the same bar whether rich is installed or not
         self.trainer_defaults["callbacks"] = defaults
         return super().instantiate_trainer(**kwargs)
 
