@@ -254,6 +254,14 @@ class CausalLM(L.LightningModule):
     def test_step(self, batch: Tensor | dict, batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor:
+        """Negative log-likelihood of every target token ``[B, T]`` (0 where ignored)."""
+        input_ids, targets, mask = self.split_batch(batch)
+        logits = self(input_ids, mask)
+        nll = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none",
+                                          ignore_index=IGNORE_INDEX)
+        return nll.view(targets.shape)
+
     def _evaluate(self, batch: Tensor | dict, stage: str) -> None:
         nll_sum, count, _ = self.token_nll(batch, reduction="sum")
         self.eval_nll.update(nll_sum, count)

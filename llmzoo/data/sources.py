@@ -1,0 +1,138 @@
+"""Where text comes from: files, folders and globs; plain text or JSON lines, gzipped or not; the cache.
+
+A corpus is read as a sequence of *pieces* ``(text, ends_document)``: one per JSON line, and for plain
+text files chunks of about ``CHUNK_CHARS`` characters cut where the byte-level pre-tokenizer would
+cut anyway (a newline between two non-space characters), so a chunked file encodes to the same
+tokens as the whole file and large files encode in parallel with bounded memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import re
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+CHUNK_CHARS = 1 << 20
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # a newline between two non-space characters
+
+
+def default_corpus() -> list[Path]:
+    """The embedded default corpus: the Python standard library's own ``.py`` files, minus its test suites
+    and installed packages. Every machine with Python has it, so it needs no download."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "dist-packages", "__pycache__"}
+    files = sorted(p for p in stdlib.rglob("*.py") if not skip.intersection(p.relative_to(stdlib).parts))
+    if not files:
+        raise FileNotFoundError(f"no .py files under {stdlib}: give the corpus explicitly with --data.path")
+    return files
+
+
+def resolve_files(path: str | list[str] | None) -> list[Path]:
+    """Files named by ``path``: files, folders (every file below, recursively), globs, or a list of them.
+    ``None`` is the default corpus. Sorted and without duplicates, so the order never depends on the file system."""
+    if path is None:
+        return default_corpus()
+    files: set[Path] = set()
+    for item in [path] if isinstance(path, (str, os.PathLike)) else path:
+        item = os.path.expanduser(str(item))
+        if os.path.isdir(item):
+            matches = [p for p in Path(item).rglob("*") if p.is_file()
+                       and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(item).parts)]
+        elif glob.has_magic(item):
+            matches = [Path(p) for p in glob.glob(item, recursive=True) if os.path.isfile(p)]
+        elif os.path.isfile(item):
+            matches = [Path(item)]
+        else:
+            raise FileNotFoundError(f"data path {item!r} does not exist: give text files, folders or globs "
+                                    f"(e.g. --data.path 'corpus/**/*.txt')")
+        if not matches:
+            raise FileNotFoundError(f"data path {item!r} matches no files")
+        files.update(p.resolve() for p in matches)
+    return sorted(files)
+
+
+def _open_text(path: Path):
+    opener = gzip.open if path.name.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8", errors="replace", newline="")
+
+
+def split_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
+    """``text`` in pieces of about ``chunk_chars`` characters, cut only at pre-tokenizer boundaries (a text
+    with none for 16 chunks, such as a file of one huge line, is cut anyway)."""
+    pieces, start = [], 0
+    while len(text) - start > chunk_chars:
+        cut = _SAFE_CUT.search(text, start + chunk_chars, start + 16 * chunk_chars)
+        if cut is None and len(text) - start <= 16 * chunk_chars:
+            break
+        end = cut.start() if cut else start + chunk_chars
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
+def read_pieces(path: Path, text_field: str = "text", chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, bool]]:
+    """``(text, ends_document)`` pieces of one file: a document per JSON line (its ``text_field``) for
+    ``.jsonl[.gz]``, otherwise the whole file is one document, read in chunks."""
+    with _open_text(path) as f:
+        if path.name.endswith(JSONL_SUFFIXES):
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)[text_field], True
+                    except (json.JSONDecodeError, KeyError, TypeError) as error:
+                        raise ValueError(f"{path}:{number}: not a JSON object with a {text_field!r} string "
+                                         f"({error}); set --data.text_field to the field holding the text") from None
+            return
+        carry = ""
+        while block := f.read(chunk_chars):
+            *done, carry = split_text(carry + block, chunk_chars)
+            for piece in done:
+                yield piece, False
+        yield carry, True
+
+
+# ----------------------------------------------------------------- cache
+def cache_dir(path: str | None = None) -> Path:
+    """``path``, else ``$LLMZOO_CACHE``, else ``$XDG_CACHE_HOME/llmzoo`` (``~/.cache/llmzoo``)."""
+    path = path or os.environ.get("LLMZOO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "llmzoo"
+    path = Path(path).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_key(files: list[Path], *parts: object) -> str:
+    """A hash of the files' names, sizes and modification times and of ``parts`` (settings, tokenizer)."""
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for part in parts:
+        digest.update(str(part).encode() + b"\n")
+    return digest.hexdigest()[:20]
+
+
+def atomic_path(path: Path):
+    """A temporary file beside ``path``; :func:`os.replace` it onto ``path`` when it is complete."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = atomic_path(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
