@@ -1,10 +1,11 @@
-"""The ``llmzoo`` command: LightningCLI with every architecture and datamodule, plus ``generate``.
+"""The ``llmzoo`` command: LightningCLI with every architecture and datamodule, plus ``generate`` and ``convert``.
 
     llmzoo fit --config configs/quickstart.yaml
     llmzoo fit --model Llama --data TextDataModule --data.path 'corpus/*.txt' --trainer.max_steps 1000
     llmzoo fit --config configs/quickstart.yaml --ckpt_path last          # resume
     llmzoo validate --ckpt_path runs/quickstart/checkpoints/last.ckpt     # model and data from the checkpoint
     llmzoo generate --ckpt_path runs/quickstart/checkpoints/last.ckpt --prompt "def "
+    llmzoo convert --ckpt_path runs/quickstart/checkpoints/last.ckpt --to_hf exported   # and --from_hf DIR --to CKPT
 
 See docs/cli.md.
 """
@@ -18,53 +19,191 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from tqdm.auto import tqdm
 
-from llmzoo.callbacks import Checkpoint, ThrottledProgressBar, TokensPerSecond, checkpoint_dir, complete
-from llmzoo.data import LanguageDataModule  # with its subclasses: --data TextDataModule
+from llmzoo.callbacks import Checkpoint, ThrottledProgressBar, TokensPerSecond, checkpoint_dir
+from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
+from llmzoo.generation import GenerationConfig, TextStream, left_pad, stream
+from llmzoo.hf import (DEFAULT_MAX_SHARD_SIZE, config_from_hf, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
+                       from_hf, load_checkpoint_model, load_hf_state_dict, load_hf_weights, read_hf_config)
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
+from llmzoo.models.base import qualified_name
 
-EVALUATION = ("validate", "test", "predict", "generate")  # subcommands that use a trained checkpoint
+LIST_OPTIONS = ("--prompt", "--stop")  # repeatable: each occurrence is one item
 
 
 class LLMZooTrainer(L.Trainer):
     """A Lightning Trainer with one more entry point for the CLI: :meth:`generate`."""
 
-    def generate(self, model: CausalLM, ckpt_path: str, prompt: str = "", max_new_tokens: int = 200,
-                 num_samples: int = 1, do_sample: bool = True, temperature: float = 0.8, top_k: int | None = 50,
-                 top_p: float | None = None, seed: int = 0, datamodule: LanguageDataModule | None = None,
+    def generate(self, model: CausalLM, ckpt_path: str, prompt: list[str] | None = None,
+                 prompt_file: str | None = None, max_new_tokens: int = 200, num_samples: int = 1,
+                 do_sample: bool | None = None, temperature: float = 0.8, top_k: int | None = 50,
+                 top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
+                 num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                 stop: list[str] | None = None, seed: int = 0, draft_ckpt_path: str | None = None,
+                 num_draft_tokens: int = 4, datamodule: LanguageDataModule | None = None,
                  weights_only: bool | None = None) -> list[str]:
-        """Continue a prompt with a trained checkpoint and print the result.
+        """Continue prompts with a checkpoint or a Hugging Face directory, printing the text as it comes.
+
+        One row (one prompt, one sample) streams to stdout token by token; several rows are decoded as one
+        left-padded batch (a progress bar meanwhile) and printed in order under ``----- prompt i, sample j -----``.
+        Each row stops at the tokenizer's end-of-sequence token or a stop string. Returns the continuations.
 
         Args:
-            ckpt_path: the checkpoint (its run's tokenizer is used).
-            prompt: text to continue; empty starts a new document.
-            max_new_tokens: tokens to generate (at most the model's context).
-            num_samples: independent continuations, generated as one batch.
-            do_sample: sample (with temperature, top_k, top_p) instead of greedy decoding.
-            temperature: softmax temperature when sampling.
-            top_k: sample among the k most likely tokens.
-            top_p: sample among the most likely tokens whose probabilities sum to top_p.
+            ckpt_path: a Lightning checkpoint (its run's tokenizer is used) or a Hugging Face model directory
+                with a tokenizer.json (one llmzoo exported, or any of the five families).
+            prompt: text to continue, taken literally; repeat the option for a batch. None or empty starts a
+                new document (after the end-of-sequence token).
+            prompt_file: a UTF-8 file of prompts, one per line (blank lines skipped), added to the batch.
+            max_new_tokens: tokens to add at most; lowered, with a note, to what the model's context leaves.
+            num_samples: continuations of each prompt, in the same batch.
+            do_sample: sample instead of greedy decoding; default: true, false with beam search.
+            temperature: softmax temperature when sampling (> 0).
+            top_k: sample among the k most likely tokens (null: all).
+            top_p: sample among the most likely tokens whose probabilities reach top_p, in (0, 1].
+            min_p: drop tokens less likely than min_p times the most likely one, in [0, 1].
+            repetition_penalty: > 1 makes tokens already in the row less likely (1: none).
+            num_beams: beam search with this many beams (greedy: do_sample false).
+            length_penalty: beam scores are sum log p / length ** length_penalty.
+            early_stopping: beam search stops when num_beams hypotheses are done (true), by a heuristic
+                (false), or at max_new_tokens only (never).
+            stop: a row ends once its new text contains this string; repeat the option for several.
             seed: seed of the sampling generator.
+            draft_ckpt_path: a smaller model with the same tokenizer (checkpoint or Hugging Face directory)
+                for speculative decoding: greedy output equals the model's alone, sampling keeps its distribution.
+            num_draft_tokens: tokens the draft proposes per step of speculative decoding.
             weights_only: unused (lets a fit config.yaml be reused).
         """
-        from llmzoo.data import load_tokenizer_for_checkpoint
-
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        model.load_state_dict(checkpoint["state_dict"])
-        model.to(self.strategy.root_device)
         tokenizer = datamodule.tokenizer if datamodule is not None else load_tokenizer_for_checkpoint(ckpt_path)
-        options = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                       generator=torch.Generator(model.device).manual_seed(seed))
-        samples = [complete(model, tokenizer, prompt, max_new_tokens, **options) for _ in range(num_samples)]
-        for number, text in enumerate(samples):
-            if num_samples > 1:
-                print(f"----- sample {number + 1} -----")
-            print(prompt + text, flush=True)
-        return samples
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=num_beams == 1 if do_sample is None else do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+            num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos,
+            pad_token_id=pad, stop_strings=stop, seed=seed, num_draft_tokens=num_draft_tokens)  # checks every option
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        prompts = [*(prompt or []), *read_prompts(prompt_file)] or [""]
+        encoded = [ids or [eos] for ids in tokenizer.encode_batch(prompts)]
+        rows = [ids for ids in encoded for _ in range(num_samples)]
+        draft_model = None
+        if draft_ckpt_path is not None:
+            draft_model = from_hf(draft_ckpt_path) if Path(draft_ckpt_path).is_dir() else load_checkpoint_model(draft_ckpt_path)
+            if load_tokenizer_for_checkpoint(draft_ckpt_path) != tokenizer:
+                raise ValueError(f"the draft model {draft_ckpt_path} was trained with another tokenizer: speculative "
+                                 f"decoding needs a draft with the model's tokenizer")
+        config.max_new_tokens = fitting_max_new_tokens(encoded, max_new_tokens, model, draft_model)
+        load_weights(model, ckpt_path)
+        model.to(self.strategy.root_device)
+        if draft_model is not None:
+            draft_model.to(model.device)
+        input_ids, attention_mask = left_pad(rows, eos if pad is None else pad, model.device)
+        chunks = stream(model, input_ids, config, attention_mask=attention_mask, draft_model=draft_model,
+                        decode=tokenizer.decode)
+        texts = [TextStream(tokenizer.decode, skip={eos, pad}) for _ in rows]
+        continuations = [""] * len(rows)
+        labels = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+        if len(rows) == 1:
+            print(prompts[0], end="", flush=True)
+        with tqdm(total=config.max_new_tokens, desc="generating", unit="token", disable=len(rows) == 1 or None,
+                  leave=False) as bar:
+            for chunk in chunks:
+                for row, ids in enumerate(chunk.tolist()):
+                    piece = texts[row].push(ids)
+                    continuations[row] += piece
+                    if len(rows) == 1:
+                        print(piece, end="", flush=True)
+                bar.update(chunk.shape[1])
+        for row, (text, (p, s)) in enumerate(zip(texts, labels)):
+            rest = text.flush()
+            continuations[row] += rest
+            if len(rows) == 1:
+                print(rest, flush=True)
+                continue
+            label = ", ".join(part for part, many in ((f"prompt {p + 1}", len(prompts) > 1),
+                                                      (f"sample {s + 1}", num_samples > 1)) if many)
+            print(f"----- {label} -----\n{prompts[p]}{continuations[row]}", flush=True)
+        return continuations
+
+
+def read_prompts(path: str | None) -> list[str]:
+    """The prompts of a prompt file: one per line, blank lines skipped."""
+    if path is None:
+        return []
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"prompt file {path} not found: give a text file with one prompt per line")
+    prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def fitting_max_new_tokens(prompts: list[list[int]], max_new_tokens: int, *models: CausalLM | None) -> int:
+    """``max_new_tokens``, lowered (with a note on stderr) to what the models' context leaves after the longest
+    of the tokenized ``prompts``; a prompt that leaves no room is refused."""
+    context = min(m.hparams.max_position_embeddings for m in models if m is not None)
+    for number, ids in enumerate(prompts, 1):
+        if len(ids) >= context:
+            raise ValueError(f"prompt {number} has {len(ids)} tokens but the model's context is {context} tokens: "
+                             f"shorten it to at most {context - 1} tokens (the end of a long text, say)")
+    room = context - max(map(len, prompts))
+    if max_new_tokens > room:
+        print(f"llmzoo: note: max_new_tokens lowered from {max_new_tokens} to {room}: the longest prompt has "
+              f"{context - room} tokens and the model's context is {context}", file=sys.stderr)
+    return min(max_new_tokens, room)
+
+
+def load_weights(model: CausalLM, path: str) -> None:
+    """Copy the weights of a Lightning checkpoint or of a Hugging Face directory into ``model``."""
+    if Path(path).is_dir():
+        load_hf_state_dict(model, load_hf_weights(path))
+    else:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"])
+
+
+def convert(from_hf: str | None = None, to: str | None = None, ckpt_path: str | None = None,
+            to_hf: str | None = None, dtype: str | None = None, allow_pickle: bool = False,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
+            tokenizer: str | None = None, model_class: str | None = None) -> Path:
+    """Convert a Hugging Face directory to a Lightning checkpoint or a checkpoint to a Hugging Face directory.
+
+    ``--from_hf DIR --to CKPT`` or ``--ckpt_path CKPT --to_hf DIR``; see docs/interop.md.
+
+    Args:
+        from_hf: a Hugging Face model directory (config.json, safetensors weights, optionally tokenizer.json)
+            to read; its tokenizer goes inside the checkpoint.
+        to: the Lightning checkpoint file to write from --from_hf (llmzoo fit/validate/generate --ckpt_path read it).
+        ckpt_path: a Lightning checkpoint to export with --to_hf.
+        to_hf: the Hugging Face directory to write from --ckpt_path, with the run's tokenizer.
+        dtype: dtype of the written weights (float32, bfloat16, float16); default: the source's.
+        allow_pickle: read pytorch_model.bin weights (with torch.load(weights_only=True)) when there are no
+            safetensors; only for files you trust.
+        max_shard_size: --to_hf weights are split into shards past this size (bytes, or "500MB", "2GiB").
+        overwrite: replace an existing checkpoint file or Hugging Face directory.
+        tokenizer: the tokenizer to export with --to_hf (a tokenizer.json, its directory or a checkpoint);
+            default: the checkpoint's own.
+        model_class: for --ckpt_path, the class of a checkpoint that does not record it (Llama, GPT2, ...).
+    """
+    if from_hf and to and not (ckpt_path or to_hf):
+        path = convert_hf_to_checkpoint(from_hf, to, dtype, allow_pickle, overwrite)
+    elif ckpt_path and to_hf and not (from_hf or to):
+        path = convert_checkpoint_to_hf(ckpt_path, to_hf, load_tokenizer_for_checkpoint(tokenizer or ckpt_path),
+                                        model_class, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    else:
+        raise ValueError("convert needs --from_hf DIR --to CKPT (Hugging Face -> checkpoint) or "
+                         "--ckpt_path CKPT --to_hf DIR (checkpoint -> Hugging Face)")
+    print(f"wrote {path}")
+    return path
+
+
+def convert_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=convert.__doc__.splitlines()[0])
+    parser.add_function_arguments(convert, as_group=False)
+    return parser
 
 
 class LLMZooCLI(LightningCLI):
@@ -72,9 +211,9 @@ class LLMZooCLI(LightningCLI):
 
     Adds: the model's ``vocab_size`` linked from the datamodule's tokenizer; a :class:`Checkpoint`
     (``--checkpoint.*``) in ``<default_root_dir>/checkpoints`` keeping ``last.ckpt``; learning rate and
-    tokens/s logging; a tqdm progress bar (unless the config has one); ``generate``. For
-    ``validate``/``test``/``predict``/``generate`` with a checkpoint file, the model and data classes and
-    arguments come from the checkpoint unless given, and the data uses the checkpoint's tokenizer.
+    tokens/s logging; a tqdm progress bar (unless the config has one); ``generate`` and ``convert``. With a
+    checkpoint file (``--ckpt_path``), the model and data classes and arguments come from the checkpoint
+    unless given, and the data uses the checkpoint's tokenizer.
     """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
@@ -88,21 +227,44 @@ class LLMZooCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "generate": {"model", "datamodule"}}
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:  # `convert` needs no model, data or Trainer: run by parse_arguments
+            self.parser._subcommands_action.add_subcommand("convert", convert_parser(),
+                                                            help=convert.__doc__.splitlines()[0])
+
+    def add_core_arguments_to_parser(self, parser) -> None:
+        """Lightning's, with ``--data`` optional: ``generate`` needs none (the others ask for it in
+        :meth:`before_instantiate_classes`)."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=True)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=True, required=False)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser, args) -> None:
+        """Parse ``args`` (see :func:`with_checkpoint_classes`; ``--prompt``/``--stop`` repeat). ``convert`` runs
+        here and exits (status 0), as ``--help`` does: it needs no model, data or Trainer."""
         if args is None or isinstance(args, (list, tuple)):
-            args = with_checkpoint_classes(list(sys.argv[1:] if args is None else args), set(self.subcommands()))
+            args = list(sys.argv[1:] if args is None else args)
+            args = with_checkpoint_classes(gather_lists(args, LIST_OPTIONS), {*self.subcommands(), "convert"})
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+        if self.config.get("subcommand") == "convert":
+            convert(**{key: value for key, value in self.config.convert.items() if key != "config"})
+            sys.exit(0)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = checkpoint_dir(config.trainer.default_root_dir)
         ckpt_path, data = config.get("ckpt_path"), config.get("data")
-        if (self.subcommand in EVALUATION and ckpt_path and Path(ckpt_path).is_file() and data is not None
+        if data is None and self.subcommand != "generate":
+            raise ValueError(f"{self.subcommand} needs data: --data TextDataModule --data.path <your texts> (or a "
+                             f"--config that has a data section)")
+        if (ckpt_path and Path(ckpt_path).is_file() and data is not None
                 and data.init_args.get("tokenizer") in TOKENIZER_KINDS):  # never train a tokenizer for a trained model
             data.init_args.tokenizer = ckpt_path
 
@@ -120,13 +282,25 @@ class LLMZooCLI(LightningCLI):
 
 def with_checkpoint_classes(args: list[str], subcommands: set[str]) -> list[str]:
     """``args`` with ``--model`` and ``--data`` taken from ``--ckpt_path``'s checkpoint when they are not given
-    (evaluation subcommands only; given ``--model.*``/``--data.*`` options still apply on top)."""
+    (given ``--model.*``/``--data.*`` options still apply on top). For ``generate``, ``--ckpt_path`` may be a
+    Hugging Face directory: ``--model`` then comes from its ``config.json``."""
     position = next((i for i, arg in enumerate(args) if arg in subcommands), None)
-    if position is None or args[position] not in EVALUATION:
+    if position is None or args[position] == "convert":
         return args
     ckpt_path = option_value(args, "--ckpt_path")
     given = {arg.split("=")[0] for arg in args}
-    if ckpt_path is None or not Path(ckpt_path).is_file() or given & {"--config", "-c"}:
+    if ckpt_path is None or given & {"--config", "-c"}:
+        return args
+    if (Path(ckpt_path) / "config.json").is_file():  # a Hugging Face directory
+        if args[position] != "generate":
+            raise ValueError(f"{ckpt_path} is a Hugging Face directory; {args[position]} needs a Lightning checkpoint: "
+                             f"llmzoo convert --from_hf {ckpt_path} --to model.ckpt")
+        if "--model" in given:
+            return args
+        cls, init_args = config_from_hf(read_hf_config(ckpt_path))
+        model = json.dumps({"class_path": qualified_name(cls), "init_args": init_args})
+        return args[:position + 1] + [f"--model={model}"] + args[position + 1:]
+    if not Path(ckpt_path).is_file():
         return args
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     inserted = []
@@ -139,6 +313,27 @@ def with_checkpoint_classes(args: list[str], subcommands: set[str]) -> list[str]
         inserted.append(f"{option}={json.dumps({'class_path': class_path, 'init_args': hparams})}"
                         if option == "--data" else f"{option}={class_path}")
     return args[:position + 1] + inserted + args[position + 1:]
+
+
+def gather_lists(args: list[str], options: tuple[str, ...]) -> list[str]:
+    """``args`` with the values of each of ``options`` (``--prompt a --prompt=b``) gathered into one JSON list
+    option (``--prompt=["a", "b"]``) where it first occurs; each value is one item, taken literally."""
+    gathered: dict[str, list[str]] = {}
+    kept, i = [], 0
+    while i < len(args):
+        option, has_value, value = args[i].partition("=")
+        if option in options and (has_value or i + 1 < len(args)):
+            if not has_value:
+                i += 1
+                value = args[i]
+            if option not in gathered:
+                gathered[option] = []
+                kept.append(option)
+            gathered[option].append(value)
+        else:
+            kept.append(args[i])
+        i += 1
+    return [f"{arg}={json.dumps(gathered.pop(arg))}" if arg in gathered else arg for arg in kept]
 
 
 def option_value(args: list[str], option: str) -> str | None:
@@ -155,7 +350,7 @@ def main(args: list[str] | None = None) -> None:
     wrong setting) ends with a one-line error; ``LLMZOO_DEBUG=1`` shows the traceback instead."""
     try:
         LLMZooCLI(args=args)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # FileNotFoundError, FileExistsError (convert), ...
         if os.environ.get("LLMZOO_DEBUG"):
             raise
         sys.exit(f"llmzoo: error: {error}")

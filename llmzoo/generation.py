@@ -4,9 +4,10 @@ different lengths (left padding), per-row stopping on end-of-sequence tokens and
 and streaming.
 
 Entry points: :func:`generate` returns the token ids, :func:`stream` yields new tokens as they are
-decided, :class:`GenerationConfig` holds (and validates) how to decode, :class:`TextStream` turns a
-stream of token ids into printable text. The logits processors are small functions of
-``logits [..., V]`` that compose (:func:`process_logits` applies them in Hugging Face's order).
+decided, :class:`GenerationConfig` holds (and validates) how to decode, :func:`left_pad` batches prompts
+of different lengths, :class:`TextStream` turns a stream of token ids into printable text. The logits
+processors are small functions of ``logits [..., V]`` that compose (:func:`process_logits` applies them
+in Hugging Face's order).
 
 The model is any :class:`~llmzoo.models.base.CausalLM` (``backbone``, ``lm_head``, the KV-cache methods).
 """
@@ -213,6 +214,18 @@ def stream(model, input_ids: Tensor, config: GenerationConfig | None = None, *, 
             raise ValueError("pass either seed or generator, not both")
         generator = torch.Generator(input_ids.device).manual_seed(config.seed)
     return _decode(model, input_ids, attention_mask, config, draft_model, decode, generator)
+
+
+def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Token id lists of different lengths as one left-padded batch: ``(input_ids [B, T], attention_mask [B, T])``
+    (1 = token, 0 = padding), ready for :func:`generate`."""
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, length - len(ids):] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 class TextStream:

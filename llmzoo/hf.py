@@ -502,7 +502,7 @@ def _new_directory(directory: str | os.PathLike, overwrite: bool) -> Iterator[Pa
         raise FileExistsError(f"{target} exists and is not a directory: choose a directory path")
     if target.is_dir() and any(target.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{target} is not empty: pass overwrite=True (--overwrite) or choose a new directory")
+            raise FileExistsError(f"{target} is not empty: pass overwrite=True (--overwrite true) or choose a new directory")
         if not (target / "config.json").is_file():
             raise FileExistsError(f"{target} is not empty and holds no config.json: refusing to replace a "
                                   f"directory that is not a model directory")
@@ -724,13 +724,23 @@ def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, ckpt_path: str | os.Path
                              dtype: torch.dtype | str | None = None, allow_pickle: bool = False,
                              overwrite: bool = False) -> Path:
     """Hugging Face directory -> Lightning checkpoint (see :func:`from_hf` and :func:`lightning_checkpoint`).
-    The file is written whole or not at all; an existing one is replaced only with ``overwrite``."""
+
+    The directory's tokenizer (``tokenizer.json`` and the special tokens its ``tokenizer_config.json``
+    names), when it has one, goes inside the checkpoint under ``"tokenizer"``, as llmzoo's runs keep theirs,
+    so that ``llmzoo fit/validate/generate --ckpt_path`` use it. The file is written whole or not at all;
+    an existing one is replaced only with ``overwrite``."""
+    from llmzoo.data.tokenizer import Tokenizer
+
     ckpt_path = Path(ckpt_path)
     if ckpt_path.exists() and not overwrite:
-        raise FileExistsError(f"{ckpt_path} exists: pass overwrite=True (--overwrite) or choose another path")
+        raise FileExistsError(f"{ckpt_path} exists: pass overwrite=True (--overwrite true) or choose another path")
     if ckpt_path.is_dir():
         raise IsADirectoryError(f"{ckpt_path} is a directory: give a checkpoint file path such as model.ckpt")
+    tokenizer_file = Path(hf_dir) / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None  # checked before any work
     checkpoint = lightning_checkpoint(from_hf(hf_dir, dtype=dtype, allow_pickle=allow_pickle))
+    if tokenizer is not None:
+        checkpoint["tokenizer"] = tokenizer.state_dict()
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _sibling(ckpt_path, "partial")
     try:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from llmzoo.data.datasets import PackedStream, Progress, ResumableLoader, TokenWindows, tokenize_pieces
 from llmzoo.data.sources import atomic_path, cache_dir, cache_key, read_pieces, resolve_files
-from llmzoo.data.tokenizer import CHECKPOINT_KEY, Tokenizer, load_tokenizer_for_checkpoint
+from llmzoo.data.tokenizer import Tokenizer, load_tokenizer_for_checkpoint
 
 TOKENIZER_KINDS = {"bpe": "byte-level BPE", "char": "character-level"}
 TOKEN_FILE_VERSION = 1  # part of the token cache key: bump when the way text becomes tokens changes
@@ -110,10 +110,10 @@ class LanguageDataModule(L.LightningDataModule):
         return batch
 
     def state_dict(self) -> dict:
-        return {CHECKPOINT_KEY: self.tokenizer.to_str(), "special_tokens": self.tokenizer.special_tokens}
+        return self.tokenizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        saved = Tokenizer.from_str(state[CHECKPOINT_KEY], **state.get("special_tokens", {}))
+        saved = Tokenizer.from_state_dict(state)
         if saved != self.tokenizer:
             raise ValueError("this run's tokenizer differs from the checkpoint's (did the corpus change?): "
                              "pass --data.tokenizer <the checkpoint> to use the checkpoint's tokenizer")

@@ -115,6 +115,15 @@ class Tokenizer:
         """The ``tokenizer.json`` text."""
         return self.tokenizer.to_str()
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the tokenizer: ``{"tokenizer.json": <its text>, "special_tokens": {...}}``."""
+        return {CHECKPOINT_KEY: self.to_str(), "special_tokens": self.special_tokens}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Tokenizer:
+        """The tokenizer of a :meth:`state_dict`."""
+        return cls.from_str(state[CHECKPOINT_KEY], **state.get("special_tokens", {}))
+
     def save(self, path: str | Path) -> Path:
         """Write a standard ``tokenizer.json`` atomically (``path`` may be a directory) and, when the special
         tokens are not llmzoo's, a ``tokenizer_config.json`` naming them beside it. Returns the file."""
@@ -149,8 +158,8 @@ def special_tokens_beside(path: Path) -> dict[str, str | None]:
 def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
     """The tokenizer a checkpoint was trained with.
 
-    ``path`` is a Lightning ``.ckpt`` written by ``llmzoo fit`` (the datamodule keeps the tokenizer in the
-    checkpoint), or any file or directory with a ``tokenizer.json`` beside or inside it (a Hugging Face
+    ``path`` is a Lightning ``.ckpt`` written by ``llmzoo fit`` (the datamodule keeps the tokenizer's
+    :meth:`~Tokenizer.state_dict` in the checkpoint) or by ``llmzoo convert --from_hf``, or any file or directory with a ``tokenizer.json`` beside or inside it (a Hugging Face
     model directory, a checkpoint directory of a run)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":
@@ -159,7 +168,7 @@ def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         for value in checkpoint.values():
             if isinstance(value, dict) and isinstance(value.get(CHECKPOINT_KEY), str):
-                return Tokenizer.from_str(value[CHECKPOINT_KEY], **value.get("special_tokens", {}))
+                return Tokenizer.from_state_dict(value)
     for candidate in (path, path / "tokenizer.json", path.parent / "tokenizer.json"):
         if candidate.is_file() and candidate.name == "tokenizer.json":
             return Tokenizer.from_file(candidate)
