@@ -93,7 +93,9 @@ class SampleText(L.Callback):
 def complete(model, tokenizer, prompt: str, max_new_tokens: int, **options) -> str:
     """The text ``model`` writes after ``prompt`` (at most ``max_new_tokens`` tokens, within its context).
 
-    ``options`` go to :func:`llmzoo.generation.generate` (``do_sample``, ``temperature``, ``top_k``, ...)."""
+    ``options`` go to :func:`llmzoo.generation.generate` (``do_sample``, ``temperature``, ``top_k``, ...);
+    the text ends at the tokenizer's end-of-sequence token."""
+    options.setdefault("eos_token_id", tokenizer.eos_token_id)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
     context = model.hparams.max_position_embeddings
     if len(ids) >= context:

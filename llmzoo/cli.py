@@ -92,7 +92,8 @@ class LLMZooTrainer(L.Trainer):
         rows = [ids for ids in encoded for _ in range(num_samples)]
         draft_model = None
         if draft_ckpt_path is not None:
-            draft_model = from_hf(draft_ckpt_path) if Path(draft_ckpt_path).is_dir() else load_checkpoint_model(draft_ckpt_path)
+            is_hf = Path(draft_ckpt_path).is_dir()
+            draft_model = from_hf(draft_ckpt_path) if is_hf else load_checkpoint_model(draft_ckpt_path)
             if load_tokenizer_for_checkpoint(draft_ckpt_path) != tokenizer:
                 raise ValueError(f"the draft model {draft_ckpt_path} was trained with another tokenizer: speculative "
                                  f"decoding needs a draft with the model's tokenizer")
@@ -104,29 +105,25 @@ class LLMZooTrainer(L.Trainer):
         input_ids, attention_mask = left_pad(rows, eos if pad is None else pad, model.device)
         chunks = stream(model, input_ids, config, attention_mask=attention_mask, draft_model=draft_model,
                         decode=tokenizer.decode)
-        texts = [TextStream(tokenizer.decode, skip={eos, pad}) for _ in rows]
-        continuations = [""] * len(rows)
-        labels = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
-        if len(rows) == 1:
+        skip = {eos, pad}  # what follows the end of a row
+        if len(rows) == 1:  # printed as it comes
+            text = TextStream(tokenizer.decode, skip)
             print(prompts[0], end="", flush=True)
-        with tqdm(total=config.max_new_tokens, desc="generating", unit="token", disable=len(rows) == 1 or None,
-                  leave=False) as bar:
             for chunk in chunks:
-                for row, ids in enumerate(chunk.tolist()):
-                    piece = texts[row].push(ids)
-                    continuations[row] += piece
-                    if len(rows) == 1:
-                        print(piece, end="", flush=True)
+                print(text.push(chunk[0].tolist()), end="", flush=True)
+            print(text.flush(), flush=True)
+            return [tokenizer.decode(text.ids)]
+        with tqdm(total=config.max_new_tokens, desc="generating", unit="token", disable=None, leave=False) as bar:
+            new = []
+            for chunk in chunks:
+                new.append(chunk)
                 bar.update(chunk.shape[1])
-        for row, (text, (p, s)) in enumerate(zip(texts, labels)):
-            rest = text.flush()
-            continuations[row] += rest
-            if len(rows) == 1:
-                print(rest, flush=True)
-                continue
-            label = ", ".join(part for part, many in ((f"prompt {p + 1}", len(prompts) > 1),
-                                                      (f"sample {s + 1}", num_samples > 1)) if many)
-            print(f"----- {label} -----\n{prompts[p]}{continuations[row]}", flush=True)
+        continuations = [tokenizer.decode([i for i in ids if i not in skip]) for ids in torch.cat(new, 1).tolist()]
+        for row, continuation in enumerate(continuations):
+            number, sample = divmod(row, num_samples)
+            label = ", ".join(part for part, many in ((f"prompt {number + 1}", len(prompts) > 1),
+                                                      (f"sample {sample + 1}", num_samples > 1)) if many)
+            print(f"----- {label} -----\n{prompts[number]}{continuation}", flush=True)
         return continuations
 
 

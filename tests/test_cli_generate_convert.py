@@ -88,6 +88,25 @@ def test_greedy_streams_one_row_and_fits_the_context(zoo, capsys):
     assert len(expected) > 0
 
 
+def test_each_row_stops_at_end_of_sequence(zoo, capsys, tmp_path):
+    """A model made to write eos where the target writes its 4th token for one of two prompts."""
+    model, tokenizer, eos = load_checkpoint_model(zoo.target), zoo.tokenizer, zoo.tokenizer.eos_token_id
+    ids = torch.tensor([tokenizer.encode(PROMPTS[0])])
+    fourth = int(model.generate(ids, max_new_tokens=4)[0, -1])
+    with torch.no_grad():
+        model.lm_head.weight[eos] = 3 * model.lm_head.weight[fourth]
+    to_hf(model, tmp_path / "hf", tokenizer)
+    ckpt = convert_hf_to_checkpoint(tmp_path / "hf", tmp_path / "eos.ckpt")
+    greedy = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--do_sample", "false", "--max_new_tokens", "20"]
+    texts = rows(generate_cli(capsys, ckpt, *greedy).out)
+    input_ids, mask = left_pad([tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[2])], tokenizer.pad_token_id)
+    tokens = model.generate(input_ids, max_new_tokens=20, attention_mask=mask)[:, input_ids.shape[1]:].tolist()
+    ends = [row.index(eos) if eos in row else len(row) for row in tokens]
+    assert min(ends) < 20 and ends[0] != ends[1]  # rows end at eos, each at its own step
+    assert texts == {f"prompt {i + 1}": prompt + tokenizer.decode(row[:end])
+                     for i, (prompt, row, end) in enumerate(zip([PROMPTS[0], PROMPTS[2]], tokens, ends))}
+
+
 @pytest.mark.parametrize("flags, options", [
     (["--num_beams", "3", "--length_penalty", "0.5", "--early_stopping", "true"],
      dict(num_beams=3, length_penalty=0.5, early_stopping=True)),
