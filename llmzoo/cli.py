@@ -258,7 +258,7 @@ class LLMZooCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = checkpoint_dir(config.trainer.default_root_dir)
         ckpt_path, data = config.get("ckpt_path"), config.get("data")
-        if data is None and self.subcommand != "generate":
+        if data is None and self.subcommand not in (None, "generate"):
             raise ValueError(f"{self.subcommand} needs data: --data TextDataModule --data.path <your texts> (or a "
                              f"--config that has a data section)")
         if (ckpt_path and Path(ckpt_path).is_file() and data is not None

@@ -232,12 +232,15 @@ def test_convert_errors(zoo, capsys, tmp_path, args, message):
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.ckpt").exists()
 
 
-def test_help_lists_convert_and_other_subcommands_refuse_a_hugging_face_directory(zoo, capsys):
+def test_help_lists_convert_and_the_other_subcommands_refuse_what_they_cannot_use(zoo, capsys):
     assert "{fit,validate,test,predict,generate,convert}" in llmzoo(capsys, "--help").out
     result = llmzoo(capsys, "validate", "--ckpt_path", zoo.hf)
     assert result.code == 1
     assert result.err.strip().endswith(f"validate needs a Lightning checkpoint: llmzoo convert --from_hf {zoo.hf} "
                                        f"--to model.ckpt")
+    result = llmzoo(capsys, "fit", "--model", "Llama")  # --data is optional for generate only
+    assert result.code == 1 and result.err.strip().endswith("fit needs data: --data TextDataModule --data.path "
+                                                            "<your texts> (or a --config that has a data section)")
 
 
 # ---------------------------------------------------------------------------------------- Hugging Face end to end
