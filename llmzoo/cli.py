@@ -33,6 +33,8 @@ from llmzoo.models import CausalLM  # with every architecture: --model Llama
 from llmzoo.models.base import checkpoint_architecture, read_checkpoint
 
 EVALUATION = ("validate", "test", "predict", "generate")  # subcommands that use a trained checkpoint
+# --model/--data settings that may change between the sessions of one run (vocab_size is linked from the data)
+RUN_INDEPENDENT = {"vocab_size", "num_workers", "cache_dir", "compile", "activation_checkpointing"}
 
 
 class LLMZooTrainer(L.Trainer):
@@ -142,13 +144,13 @@ class LLMZooCLI(LightningCLI):
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
-            ckpt_path = Path(config.checkpoint.dirpath) / "last.ckpt"
+            ckpt_path = last_checkpoint(config.checkpoint.dirpath)
         if ckpt_path and Path(ckpt_path).is_file() and self.datamodule is not None:
             trained = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("vocab_size")
             if trained is not None and trained != self.datamodule.vocab_size:
                 raise ValueError(f"the tokenizer has {self.datamodule.vocab_size} tokens but the model of {ckpt_path} "
-                                 f"has vocab_size={trained} (did the corpus or --data.tokenizer change?): pass "
-                                 f"--data.tokenizer {ckpt_path} to use the checkpoint's tokenizer")
+                                 f"has vocab_size={trained} (did the corpus or --data.tokenizer change?): use the "
+                                 f"tokenizer it was trained with, --data.tokenizer {ckpt_path}")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = self._get(self.config_init, "trainer", {})
@@ -200,11 +202,12 @@ def import_class(class_path: str) -> type:
 
 
 def refuse_another_run(config: Namespace) -> None:
-    """Raises ``FileExistsError`` if the checkpoint directory's ``last.ckpt`` is of another run than ``config``
-    (another model or data class, or other ``--model.*``/``--data.*`` settings), unless ``--overwrite``.
-    The same settings may start over or resume (``--ckpt_path last``); trainer settings may differ."""
-    last = Path(config.checkpoint.dirpath) / "last.ckpt"
-    if not last.is_file() or (config.overwrite and config.get("ckpt_path") != "last"):
+    """Raises ``FileExistsError`` if the checkpoint directory's last checkpoint is of another run than ``config``
+    (another model or data class, or other ``--model.*``/``--data.*`` settings but those of
+    ``RUN_INDEPENDENT``), unless ``--overwrite``. The same settings may resume (``--ckpt_path last``) or
+    start over (Lightning then numbers the new files, ``last-v1.ckpt``...); trainer settings may differ."""
+    last = last_checkpoint(config.checkpoint.dirpath)
+    if last is None or (config.overwrite and config.get("ckpt_path") != "last"):
         return
     checkpoint = read_checkpoint(last)  # a corrupted last.ckpt is reported here, before anything else
     if config.overwrite:
@@ -217,6 +220,12 @@ def refuse_another_run(config: Namespace) -> None:
                               f"the run's own settings to resume it, or --overwrite true to train over it")
 
 
+def last_checkpoint(dirpath: str) -> Path | None:
+    """The checkpoint ``--ckpt_path last`` resumes: the newest ``last.ckpt``, ``last-v1.ckpt``... in ``dirpath``."""
+    candidates = [p for p in Path(dirpath).glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def setting_changes(section: str, given: Namespace | None, saved: dict | None) -> list[str]:
     """``"--model.embed_dim is 64 here, 128 in the run"`` for each setting of ``given`` (a class_path and
     init_args) that differs from the checkpoint's ``saved`` hyperparameters."""
@@ -227,7 +236,7 @@ def setting_changes(section: str, given: Namespace | None, saved: dict | None) -
         return [f"--{section} is {given.class_path} here, {saved['_class_path']} in the run"]
     settings = json.loads(json.dumps(given.init_args.as_dict() if given.get("init_args") else {}, default=str))
     return [f"--{section}.{key} is {value} here, {saved[key]} in the run" for key, value in settings.items()
-            if key in saved and saved[key] != value and key != "vocab_size"]  # linked from the data
+            if key in saved and saved[key] != value and key not in RUN_INDEPENDENT]
 
 
 def one_line(error: BaseException) -> str:

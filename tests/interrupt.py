@@ -53,8 +53,9 @@ class KillDuringSave(L.Callback):
 
 
 class PoisonAtStep(L.Callback):
-    """Sets one weight to ``value`` (NaN or inf) at training step ``step`` (its global step): ``at="start"``
-    before the step (its loss is not finite), ``at="end"`` after it, before its checkpoint is written."""
+    """Sets the first parameter (the token embedding) to ``value`` (NaN or inf) at training step ``step`` (its
+    global step): ``at="start"`` before the step (its loss is not finite), ``at="end"`` after it, before its
+    checkpoint is written."""
 
     def __init__(self, step: int, value: float = float("nan"), at: str = "start"):
         self.step, self.value, self.at = step, value, at
@@ -62,7 +63,7 @@ class PoisonAtStep(L.Callback):
     def poison(self, trainer, pl_module, at: str) -> None:
         if trainer.global_step == self.step and at == self.at:
             with torch.no_grad():
-                next(pl_module.parameters()).view(-1)[0] = self.value
+                next(pl_module.parameters()).fill_(self.value)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.poison(trainer, pl_module, "start")
