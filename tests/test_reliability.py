@@ -273,9 +273,11 @@ def bad_inputs(corpus: Path, trained: Path, tmp: Path) -> dict[str, tuple[list, 
         "corrupted checkpoint": (["fit", "--ckpt_path", garbage, *fit[1:]],
                                  f"cannot read checkpoint {garbage}: the file is truncated, corrupted"),
         "unsafe checkpoint (a pickle that runs code)": (["validate", "--ckpt_path", crafted],
-                                                        f"refusing to load {crafted}: it holds objects that are not"),
+                                                        f"refusing to load {crafted}: it holds objects that are not "
+                                                        f"plain tensors and containers ({os.system.__module__}.system); only load"),
         "missing tokenizer.json": ([*fit, "--data.tokenizer", tmp / "nowhere" / "tokenizer.json"],
-                                   f"no tokenizer found for {tmp / 'nowhere' / 'tokenizer.json'}"),
+                                   f"tokenizer {tmp / 'nowhere' / 'tokenizer.json'} does not exist: pass the "
+                                   f"tokenizer.json or checkpoint the model was trained with"),
         "corrupted tokenizer.json": ([*fit, "--data.tokenizer", tmp / "broken" / "tokenizer.json"],
                                      f"{tmp / 'broken' / 'tokenizer.json'}: not a valid tokenizer.json"),
         "output directory of another run": ([*fit_args(corpus, trained.parents[1], "text", "--model.num_layers", "3")],

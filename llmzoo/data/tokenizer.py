@@ -161,6 +161,9 @@ def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
     checkpoint), or any file or directory with a ``tokenizer.json`` beside or inside it (a Hugging Face
     model directory, a checkpoint directory of a run)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} does not exist: pass the tokenizer.json or checkpoint the model was "
+                                f"trained with, or --data.tokenizer bpe (or char) to train one")
     if path.is_file() and path.suffix == ".ckpt":
         import torch
 

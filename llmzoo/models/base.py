@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 from functools import partial
 from pathlib import Path
 
@@ -352,11 +353,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL (\S+)", str(error))  # what the pickle would have imported and called
         raise ValueError(f"refusing to load {path}: it holds objects that are not plain tensors and containers "
-                         f"(weights_only=True); only load checkpoints you trust ({str(error).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+                         f"({named[1] if named else 'weights_only=True'}); only load checkpoints you trust") from None
+    except (RuntimeError, EOFError, OSError, ValueError):
         raise ValueError(f"cannot read checkpoint {path}: the file is truncated, corrupted or not a PyTorch "
-                         f"checkpoint ({str(error).splitlines()[0]})") from None
+                         f"checkpoint") from None
     if not isinstance(checkpoint, dict):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
