@@ -139,13 +139,14 @@ class LLMZooCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        if isinstance(self.datamodule, LanguageDataModule):
-            self.datamodule.check_model(self.model)
+        if not isinstance(self.datamodule, LanguageDataModule):
+            return
+        self.datamodule.check_model(self.model)  # here: a failing trainer.fit would have written logs
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             ckpt_path = last_checkpoint(config.checkpoint.dirpath)
-        if ckpt_path and Path(ckpt_path).is_file() and self.datamodule is not None:
+        if ckpt_path and Path(ckpt_path).is_file():
             trained = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("vocab_size")
             if trained is not None and trained != self.datamodule.vocab_size:
                 raise ValueError(f"the tokenizer has {self.datamodule.vocab_size} tokens but the model of {ckpt_path} "
@@ -207,11 +208,9 @@ def refuse_another_run(config: Namespace) -> None:
     ``RUN_INDEPENDENT``), unless ``--overwrite``. The same settings may resume (``--ckpt_path last``) or
     start over (Lightning then numbers the new files, ``last-v1.ckpt``...); trainer settings may differ."""
     last = last_checkpoint(config.checkpoint.dirpath)
-    if last is None or (config.overwrite and config.get("ckpt_path") != "last"):
+    if last is None or config.overwrite:
         return
-    checkpoint = read_checkpoint(last)  # a corrupted last.ckpt is reported here, before anything else
-    if config.overwrite:
-        return
+    checkpoint = read_checkpoint(last)
     changes = [change for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters"))
                for change in setting_changes(section, config.get(section), checkpoint.get(key))]
     if changes:
@@ -264,7 +263,8 @@ def main(args: list[str] | None = None) -> None:
     except (ArgumentError, OSError, ValueError, FloatingPointError) as error:
         if os.environ.get("LLMZOO_DEBUG"):
             raise
-        hint = " (llmzoo --help lists the subcommands, llmzoo fit --help their options)" * isinstance(error, ArgumentError)
+        hint = " (llmzoo --help lists the subcommands, llmzoo fit --help their options)" if isinstance(
+            error, ArgumentError) else ""
         sys.exit(f"llmzoo: error: {one_line(error)}{hint}")
 
 
