@@ -1,17 +1,22 @@
-"""Callbacks the CLI adds by default (tokens/s, a light progress bar, a checkpoint that ``--ckpt_path last``
-finds) and a sampler."""
+"""Callbacks the CLI adds by default (tokens/s, a light progress bar, a crash-safe checkpoint that
+``--ckpt_path last`` finds, per-step seeding for exact resumes, a stop on a non-finite loss) and a sampler."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+
+from llmzoo.data.sources import write_atomic
 
 
 class TokensPerSecond(L.Callback):
@@ -52,8 +57,14 @@ class ThrottledProgressBar(TQDMProgressBar):
 
 
 class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that keeps ``last.ckpt`` up to date (the final step included) and writes the
-    datamodule's tokenizer beside the checkpoints as ``tokenizer.json``.
+    """``ModelCheckpoint`` that keeps ``last.ckpt`` up to date (the final step included), writes the
+    datamodule's tokenizer beside the checkpoints as ``tokenizer.json``, and never leaves a torn or
+    non-finite checkpoint:
+
+    - files are written whole or not at all (:class:`AtomicCheckpointIO`, installed in ``setup`` when the
+      strategy uses Lightning's plain ``TorchCheckpointIO``); temporaries a killed save left are removed;
+    - a checkpoint of weights holding NaN or inf is refused with a ``FloatingPointError`` (the previous
+      checkpoint stays).
 
     The CLI gives it a fixed ``dirpath`` (``<trainer.default_root_dir>/checkpoints``) so that
     ``--ckpt_path last`` finds the checkpoint of the previous run in the same directory."""
@@ -63,13 +74,99 @@ class Checkpoint(ModelCheckpoint):
 
     def setup(self, trainer, pl_module, stage):
         super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
-        if stage == "fit" and tokenizer is not None and trainer.is_global_zero:
-            tokenizer.save(Path(self.dirpath) / "tokenizer.json")
+        if stage == "fit" and trainer.is_global_zero and self.dirpath is not None:
+            for temporary in Path(self.dirpath).glob(".*.ckpt.*.tmp"):  # left by a save that was killed
+                temporary.unlink(missing_ok=True)
+            if tokenizer is not None:
+                tokenizer.save(Path(self.dirpath) / "tokenizer.json")
 
     def on_train_end(self, trainer, pl_module):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer, filepath) -> None:
+        finite = torch.stack([local(p).isfinite().all() for p in trainer.lightning_module.parameters()]).all()
+        if trainer.world_size > 1:
+            finite = not trainer.strategy.reduce_boolean_decision(not bool(finite), all=False)
+        if not finite:
+            raise FloatingPointError(f"the weights hold NaN or inf after step {trainer.global_step}, so no checkpoint "
+                                     f"was written ({Path(filepath).name}); the previous checkpoints are intact: lower "
+                                     f"--model.learning_rate or set --trainer.gradient_clip_val and resume from one "
+                                     f"with --ckpt_path")
+        super()._save_checkpoint(trainer, filepath)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` writing local files atomically: into a temporary file beside the
+    checkpoint, flushed to disk, then renamed onto it (:func:`~llmzoo.data.sources.write_atomic`). A kill
+    during a save leaves the previous file as it was. (Lightning's own writer renames a temporary from the
+    system's temp directory, which is a non-atomic copy when that is another file system.) Remote paths
+    (``s3://...``) keep Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        write_atomic(Path(path), lambda file: torch.save(checkpoint, file))
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor) parameter, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class StepSeed(L.Callback):
+    """Seeds PyTorch's random number generators before every training batch from ``(seed, step, batch)``, so
+    what a step draws (dropout masks) depends on nothing else: a run resumed from a checkpoint draws exactly
+    what the uninterrupted run drew, whatever ran in between (validation, DataLoader workers starting,
+    another process). ``seed``: Lightning's global seed (``seed_everything``, the CLI's ``seed_everything``)
+    when not given; checkpoints keep it. Every rank draws the same numbers, as after ``seed_everything``."""
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = np.random.SeedSequence([self.seed, trainer.global_step, batch_idx]).generate_state(1, np.uint64)[0]
+        torch.manual_seed(int(seed))
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.seed = state_dict["seed"]
+
+
+class StopOnNonFiniteLoss(L.Callback):
+    """Stops training with a ``FloatingPointError`` naming the step when its loss is NaN or infinite, before
+    the optimizer applies the step: the weights in memory and the checkpoints stay those of the last good
+    step. Costs one device-to-host copy of the loss per step (and, with several ranks, one all-reduce of a
+    flag, so that every rank stops together)."""
+
+    def __init__(self):
+        self.loss = None
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        loss = loss.detach()  # the sum over the micro-batches of this step: NaN or inf if any one is
+        self.loss = loss if self.loss is None else self.loss + loss
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        loss, self.loss = self.loss, None
+        if loss is None:
+            return
+        value = loss.item()
+        bad = not math.isfinite(value)
+        if trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            problem = f"is {value}" if not math.isfinite(value) else "is NaN or inf on another rank"
+            raise FloatingPointError(f"the training loss {problem} at step {trainer.global_step + 1}; the step was not "
+                                     f"applied and the checkpoints of step {trainer.global_step} and before are "
+                                     f"intact: lower --model.learning_rate or set --trainer.gradient_clip_val, then "
+                                     f"resume with --ckpt_path last")
 
 
 class SampleText(L.Callback):
@@ -99,7 +196,8 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, **options) -> s
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
     context = model.hparams.max_position_embeddings
     if len(ids) >= context:
-        raise ValueError(f"the prompt has {len(ids)} tokens; the model's context is {context}")
+        raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context of {context} tokens must hold "
+                         f"it and at least one new token: shorten the prompt to at most {context - 1} tokens")
     input_ids = torch.tensor([ids], device=model.device)
     output = model.generate(input_ids, min(max_new_tokens, context - len(ids)), **options)
     return tokenizer.decode(output[0, len(ids):].tolist())

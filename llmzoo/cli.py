@@ -7,14 +7,17 @@
     llmzoo generate --ckpt_path runs/quickstart/checkpoints/last.ckpt --prompt "def "
     llmzoo convert --ckpt_path runs/quickstart/checkpoints/last.ckpt --to_hf exported   # and --from_hf DIR --to CKPT
 
-See docs/cli.md.
+See docs/cli.md and docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 import lightning as L
@@ -24,16 +27,19 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from tqdm.auto import tqdm
 
-from llmzoo.callbacks import Checkpoint, ThrottledProgressBar, TokensPerSecond, checkpoint_dir
+from llmzoo.callbacks import (Checkpoint, StepSeed, StopOnNonFiniteLoss, ThrottledProgressBar, TokensPerSecond,
+                              checkpoint_dir)
 from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
 from llmzoo.generation import GenerationConfig, TextStream, left_pad, stream
 from llmzoo.hf import (DEFAULT_MAX_SHARD_SIZE, config_from_hf, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
                        from_hf, load_checkpoint_model, load_hf_state_dict, load_hf_weights, read_hf_config)
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
-from llmzoo.models.base import qualified_name
+from llmzoo.models.base import checkpoint_architecture, qualified_name, read_checkpoint
 
 LIST_OPTIONS = ("--prompt", "--stop")  # repeatable: each occurrence is one item
+# --model/--data settings that may change between the sessions of one run (vocab_size is linked from the data)
+RUN_INDEPENDENT = {"vocab_size", "num_workers", "cache_dir", "compile", "activation_checkpointing"}
 
 
 class LLMZooTrainer(L.Trainer):
@@ -208,9 +214,15 @@ class LLMZooCLI(LightningCLI):
 
     Adds: the model's ``vocab_size`` linked from the datamodule's tokenizer; a :class:`Checkpoint`
     (``--checkpoint.*``) in ``<default_root_dir>/checkpoints`` keeping ``last.ckpt``; learning rate and
-    tokens/s logging; a tqdm progress bar (unless the config has one); ``generate`` and ``convert``. With a
-    checkpoint file (``--ckpt_path``), the model and data classes and arguments come from the checkpoint
-    unless given, and the data uses the checkpoint's tokenizer.
+    tokens/s logging; a tqdm progress bar (unless the config has one); per-step seeding (exact resumes) and
+    a stop on a non-finite loss; ``generate`` and ``convert``. With a checkpoint file (``--ckpt_path``), the
+    model and data classes and arguments come from the checkpoint unless given, and the data uses the
+    checkpoint's tokenizer.
+
+    Refuses, before it writes anything: a checkpoint that is unreadable, unsafe, of another architecture
+    than ``--model`` or of another vocabulary than the tokenizer; a ``fit`` into a directory whose
+    ``last.ckpt`` is of another run (other model or data settings) unless ``--overwrite true``. Parse errors
+    raise ``ArgumentError`` (:func:`main` prints them on one line).
     """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
@@ -218,7 +230,7 @@ class LLMZooCLI(LightningCLI):
         super().__init__(CausalLM, LanguageDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          trainer_class=LLMZooTrainer, save_config_kwargs={"overwrite": True},
                          auto_configure_optimizers=False, seed_everything_default=0,
-                         parser_kwargs={"default_env": True}, args=args, run=run, **kwargs)
+                         parser_kwargs={"default_env": True, "exit_on_error": False}, args=args, run=run, **kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -241,22 +253,38 @@ class LLMZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: train in --trainer.default_root_dir even if its last.ckpt is of another run "
+                                 "(other --model/--data settings)")
 
     def parse_arguments(self, parser, args) -> None:
         """Parse ``args`` (see :func:`with_checkpoint_classes`; ``--prompt``/``--stop`` repeat). ``convert`` runs
         here and exits (status 0), as ``--help`` does: it needs no model, data or Trainer."""
         if args is None or isinstance(args, (list, tuple)):
             args = list(sys.argv[1:] if args is None else args)
+            ckpt_path = option_value(args, "--ckpt_path")
+            if (ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in ckpt_path
+                    and not Path(ckpt_path).is_dir()):  # a directory: a Hugging Face model (generate, convert)
+                read_checkpoint(ckpt_path)  # a clear error for a missing, truncated, corrupted or unsafe file
             args = with_checkpoint_classes(gather_lists(args, LIST_OPTIONS), {*self.subcommands(), "convert"})
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
         if self.config.get("subcommand") == "convert":
             convert(**{key: value for key, value in self.config.convert.items() if key != "config"})
             sys.exit(0)
+        config = self.config.get(self.config.get("subcommand") or "", Namespace())
+        ckpt_path, model = config.get("ckpt_path"), config.get("model")
+        if ckpt_path and Path(ckpt_path).is_file():  # before LightningCLI reads its hyperparameters
+            stored = checkpoint_architecture(ckpt_path)
+            if stored is not None and model is not None and import_class(model.class_path) is not stored:
+                raise ValueError(f"{ckpt_path} holds a {stored.__name__} model, not a {model.class_path}: leave out "
+                                 f"--model (the checkpoint names its class) or pass --model {stored.__name__}")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = checkpoint_dir(config.trainer.default_root_dir)
+        if config.get("weights_only") is None:
+            config.weights_only = True  # explicit, whatever torch.load's default
         ckpt_path, data = config.get("ckpt_path"), config.get("data")
         if data is None and self.subcommand not in (None, "generate"):
             raise ValueError(f"{self.subcommand} needs data: --data TextDataModule --data.path <your texts> (or a "
@@ -264,10 +292,28 @@ class LLMZooCLI(LightningCLI):
         if (ckpt_path and Path(ckpt_path).is_file() and data is not None
                 and data.init_args.get("tokenizer") in TOKENIZER_KINDS):  # never train a tokenizer for a trained model
             data.init_args.tokenizer = ckpt_path
+        if self.subcommand == "fit":
+            refuse_another_run(config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if not isinstance(self.datamodule, LanguageDataModule):
+            return
+        self.datamodule.check_model(self.model)  # here: a failing trainer.fit would have written logs
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            ckpt_path = last_checkpoint(config.checkpoint.dirpath)
+        if ckpt_path and Path(ckpt_path).is_file():
+            trained = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("vocab_size")
+            if trained is not None and trained != self.datamodule.vocab_size:
+                raise ValueError(f"the tokenizer has {self.datamodule.vocab_size} tokens but the model of {ckpt_path} "
+                                 f"has vocab_size={trained} (did the corpus or --data.tokenizer change?): use the "
+                                 f"tokenizer it was trained with, --data.tokenizer {ckpt_path}")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = self._get(self.config_init, "trainer", {})
-        defaults = [TokensPerSecond()]
+        defaults = [TokensPerSecond(), StepSeed(), StopOnNonFiniteLoss()]
         if trainer.get("logger") is not False:
             defaults.append(LearningRateMonitor(logging_interval="step"))
         if trainer.get("enable_progress_bar") is not False and not any(
@@ -299,7 +345,7 @@ def with_checkpoint_classes(args: list[str], subcommands: set[str]) -> list[str]
         return args[:position + 1] + [f"--model={model}"] + args[position + 1:]
     if not Path(ckpt_path).is_file():
         return args
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = read_checkpoint(ckpt_path)
     inserted = []
     for option, key in (("--model", "hyper_parameters"), ("--data", "datamodule_hyper_parameters")):
         hparams = dict(checkpoint.get(key) or {})
@@ -342,15 +388,75 @@ def option_value(args: list[str], option: str) -> str | None:
     return None
 
 
+def import_class(class_path: str) -> type:
+    module, name = class_path.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def refuse_another_run(config: Namespace) -> None:
+    """Raises ``FileExistsError`` if the checkpoint directory's last checkpoint is of another run than ``config``
+    (another model or data class, or other ``--model.*``/``--data.*`` settings but those of
+    ``RUN_INDEPENDENT``), unless ``--overwrite``. The same settings may resume (``--ckpt_path last``) or
+    start over (Lightning then numbers the new files, ``last-v1.ckpt``...); trainer settings may differ."""
+    last = last_checkpoint(config.checkpoint.dirpath)
+    if last is None or config.overwrite:
+        return
+    checkpoint = read_checkpoint(last)
+    changes = [change for section, key in (("model", "hyper_parameters"), ("data", "datamodule_hyper_parameters"))
+               for change in setting_changes(section, config.get(section), checkpoint.get(key))]
+    if changes:
+        raise FileExistsError(f"{config.trainer.default_root_dir} holds another run ({'; '.join(changes[:3])}"
+                              f"{'; ...' if len(changes) > 3 else ''}): use another --trainer.default_root_dir, "
+                              f"the run's own settings to resume it, or --overwrite true to train over it")
+
+
+def last_checkpoint(dirpath: str) -> Path | None:
+    """The checkpoint ``--ckpt_path last`` resumes: the newest ``last.ckpt``, ``last-v1.ckpt``... in ``dirpath``."""
+    candidates = [p for p in Path(dirpath).glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def setting_changes(section: str, given: Namespace | None, saved: dict | None) -> list[str]:
+    """``"--model.embed_dim is 64 here, 128 in the run"`` for each setting of ``given`` (a class_path and
+    init_args) that differs from the checkpoint's ``saved`` hyperparameters."""
+    if given is None or not saved:
+        return []
+    saved = json.loads(json.dumps(saved, default=str))  # tuples as lists, like the given settings below
+    if "_class_path" in saved and import_class(saved["_class_path"]) is not import_class(given.class_path):
+        return [f"--{section} is {given.class_path} here, {saved['_class_path']} in the run"]
+    settings = json.loads(json.dumps(given.init_args.as_dict() if given.get("init_args") else {}, default=str))
+    return [f"--{section}.{key} is {value} here, {saved[key]} in the run" for key, value in settings.items()
+            if key in saved and saved[key] != value and key not in RUN_INDEPENDENT]
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message on one line. jsonargparse nests a bad option's message in several multi-line
+    ones (``Parser key "model": ... Parser key "embed_dim": Expected a <class 'int'>``); the innermost says
+    what is wrong and the keys on the way where."""
+    keys = []
+    while True:
+        if (key := re.match(r'\s*Parser key "([^"]+)":', str(error))) and key[1] not in keys[-1:]:
+            keys.append(key[1])
+        inner = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+        if inner is None or " ".join(str(inner).split()) not in " ".join(str(error).split()):
+            break
+        error = inner
+    message = re.sub(r"(?:a )?<class '(?:\w+\.)*(\w+)'>", r"\1", " ".join(str(error).split()))
+    return f"--{'.'.join(keys)}: {message}" if keys else message
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``llmzoo`` console script and ``python -m llmzoo``. Bad input (a missing file, a
-    wrong setting) ends with a one-line error; ``LLMZOO_DEBUG=1`` shows the traceback instead."""
+    wrong option or setting, a run directory of another run, a non-finite loss) ends with a one-line error
+    and exit status 1; ``LLMZOO_DEBUG=1`` shows the traceback instead. See docs/reliability.md."""
     try:
         LLMZooCLI(args=args)
-    except (OSError, ValueError) as error:  # FileNotFoundError, FileExistsError (convert), ...
+    except (ArgumentError, OSError, ValueError, FloatingPointError) as error:  # FileExistsError (convert), ...
         if os.environ.get("LLMZOO_DEBUG"):
             raise
-        sys.exit(f"llmzoo: error: {error}")
+        hint = " (llmzoo --help lists the subcommands, llmzoo fit --help their options)" if isinstance(
+            error, ArgumentError) else ""
+        sys.exit(f"llmzoo: error: {one_line(error)}{hint}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ def test_fsdp2_sharded_training_and_resume_on_two_cpu_processes(architecture, tm
     assert len(lines) == 2, results
     (_, straight0, resumed0, step0, _, val0), (_, straight1, resumed1, step1, _, val1) = sorted(lines)
     assert (straight0, resumed0, val0) == (straight1, resumed1, val1)  # every rank holds the same model
+    assert straight0 == resumed0  # the resumed run ends where the uninterrupted one does (dropout and epochs too)
     assert step0 == step1 == "6"  # resumed from the sharded checkpoint at step 3, ran to 6
     assert float(val0) < 4.5  # trained: the initial loss is ln(97) = 4.57
-    shards = sorted(p.name for p in (tmp_path / "step3").glob("*.distcp"))
+    shards = sorted(p.name for p in (tmp_path / "first" / "last.ckpt").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # one shard per rank, no full copy

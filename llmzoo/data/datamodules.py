@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from llmzoo.data.datasets import PackedStream, Progress, ResumableLoader, TokenWindows, tokenize_pieces
-from llmzoo.data.sources import atomic_path, cache_dir, cache_key, read_pieces, resolve_files
+from llmzoo.data.sources import cache_dir, cache_key, read_pieces, resolve_files, write_atomic
 from llmzoo.data.tokenizer import Tokenizer, load_tokenizer_for_checkpoint
 
 TOKENIZER_KINDS = {"bpe": "byte-level BPE", "char": "character-level"}
@@ -43,6 +43,9 @@ class LanguageDataModule(L.LightningDataModule):
                  num_workers: int = 0, tokenizer: str = "bpe", bpe_vocab_size: int = 8192, text_field: str = "text",
                  seed: int = 0, cache_dir: str | None = None):
         super().__init__()
+        if seq_len < 1 or batch_size < 1 or num_workers < 0:
+            raise ValueError(f"--data.seq_len={seq_len}, --data.batch_size={batch_size}, --data.num_workers="
+                             f"{num_workers}: seq_len and batch_size must be positive, num_workers 0 or more")
         self.save_hyperparameters()
         self.progress = Progress()
 
@@ -54,6 +57,9 @@ class LanguageDataModule(L.LightningDataModule):
         if self.hparams.path is None:
             rank_zero_info(f"No --data.path: using the default corpus, {len(files)} .py files of the Python "
                            f"standard library under {os.path.commonpath(files)}")
+        if not any(file.stat().st_size for file in files):
+            raise ValueError(f"the corpus is empty: the {len(files)} file(s) of --data.path {self.hparams.path!r} "
+                             f"hold no text; give files with text")
         return files
 
     def training_text(self) -> Iterator[str]:
@@ -87,6 +93,25 @@ class LanguageDataModule(L.LightningDataModule):
     def vocab_size(self) -> int:
         """The tokenizer's vocabulary size (the CLI links it into the model's ``vocab_size``)."""
         return self.tokenizer.vocab_size
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.check_model(self.trainer.lightning_module)
+
+    def check_model(self, model: L.LightningModule) -> None:
+        """Raises a ``ValueError`` unless ``model`` can read this data: every token id below its ``vocab_size``,
+        ``seq_len`` within its ``max_position_embeddings`` (``setup`` checks the trainer's model; the CLI
+        checks before it starts the trainer, which writes logs even when it fails)."""
+        hparams = getattr(model, "hparams", {})
+        vocab_size, context = hparams.get("vocab_size"), hparams.get("max_position_embeddings")
+        if vocab_size is not None and self.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer has {self.vocab_size} tokens, more than the model's vocab_size="
+                             f"{vocab_size}: use the tokenizer the model was trained with (--data.tokenizer "
+                             f"<its checkpoint or tokenizer.json>) or a model with a larger vocab_size")
+        if context is not None and self.hparams.seq_len > context:
+            raise ValueError(f"--data.seq_len={self.hparams.seq_len} is longer than the model's "
+                             f"max_position_embeddings={context}: use --data.seq_len {context} or less, or a "
+                             f"longer-context model")
 
     # ----------------------------------------------------------------- loaders
     @property
@@ -145,15 +170,13 @@ class TextDataModule(LanguageDataModule):
         path = cache_dir(self.hparams.cache_dir) / f"tokens-{key}.{np.dtype(self.token_dtype).name}"
         if path.exists():
             return path
-        total = sum(file.stat().st_size for file in self.files)
-        tmp = atomic_path(path)
-        try:
-            with open(tmp, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc="Tokenizing") as bar:
+        def write(out) -> None:
+            total = sum(file.stat().st_size for file in self.files)
+            with tqdm(total=total, unit="B", unit_scale=True, desc="Tokenizing") as bar:
                 for tokens in tokenize_pieces(tokenizer, self._pieces(bar), self.token_dtype):
                     tokens.tofile(out)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        write_atomic(path, write)
         return path
 
     def _pieces(self, bar: tqdm) -> Iterator[tuple[str, bool]]:
@@ -173,6 +196,7 @@ class TextDataModule(LanguageDataModule):
         self.token_file()
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         tokens = np.memmap(self.token_file(), dtype=self.token_dtype, mode="r")
         split = len(tokens) - int(len(tokens) * self.hparams.val_fraction)
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
@@ -222,6 +246,7 @@ class StreamingTextDataModule(LanguageDataModule):
         return cache_key([], super().tokenizer_cache_key(), self.hparams.tokenizer_train_chars)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage == "fit" and self.trainer is not None and self.trainer.max_steps < 0:
             raise ValueError("StreamingTextDataModule streams forever: set --trainer.max_steps "
                              "(and an integer --trainer.val_check_interval)")

@@ -8,6 +8,7 @@ tokens as the whole file and large files encode in parallel with bounded memory.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -15,9 +16,11 @@ import json
 import os
 import re
 import sysconfig
-import tempfile
-from collections.abc import Iterator
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK_CHARS = 1 << 20
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -59,9 +62,19 @@ def resolve_files(path: str | list[str] | None) -> list[Path]:
     return sorted(files)
 
 
+def _count_invalid_utf8(error: UnicodeDecodeError) -> tuple[str, int]:
+    """The ``errors="replace"`` of UTF-8 decoding (U+FFFD for each invalid sequence), counting the bytes."""
+    _invalid_utf8_bytes[0] += error.end - error.start
+    return "\ufffd", error.end
+
+
+_invalid_utf8_bytes = [0]  # replaced so far in this process
+codecs.register_error("llmzoo-count-invalid", _count_invalid_utf8)
+
+
 def _open_text(path: Path):
     opener = gzip.open if path.name.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8", errors="replace", newline="")
+    return opener(path, "rt", encoding="utf-8", errors="llmzoo-count-invalid", newline="")
 
 
 def split_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
@@ -81,7 +94,16 @@ def split_text(text: str, chunk_chars: int = CHUNK_CHARS) -> list[str]:
 
 def read_pieces(path: Path, text_field: str = "text", chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, bool]]:
     """``(text, ends_document)`` pieces of one file: a document per JSON line (its ``text_field``) for
-    ``.jsonl[.gz]``, otherwise the whole file is one document, read in chunks."""
+    ``.jsonl[.gz]``, otherwise the whole file is one document, read in chunks. Bytes that are not UTF-8 are
+    read as U+FFFD and counted in a warning."""
+    invalid_before = _invalid_utf8_bytes[0]
+    yield from _read_pieces(path, text_field, chunk_chars)
+    if invalid := _invalid_utf8_bytes[0] - invalid_before:
+        warnings.warn(f"{path}: {invalid} bytes are not UTF-8 and were read as U+FFFD; re-encode the "
+                      f"file as UTF-8 to keep its text", stacklevel=2)
+
+
+def _read_pieces(path: Path, text_field: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
     with _open_text(path) as f:
         if path.name.endswith(JSONL_SUFFIXES):
             for number, line in enumerate(f, 1):
@@ -120,19 +142,18 @@ def cache_key(files: list[Path], *parts: object) -> str:
     return digest.hexdigest()[:20]
 
 
-def atomic_path(path: Path):
-    """A temporary file beside ``path``; :func:`os.replace` it onto ``path`` when it is complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(tmp)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` so that readers see the old
+    file or the whole new one, never a part, even if the process is killed or the machine fails midway:
+    a temporary file beside ``path`` (same file system, so the rename is atomic; created with the user's
+    umask) is written, flushed to disk and renamed onto it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "xb") as file:
+            data(file) if callable(data) else file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -72,12 +72,20 @@ class Tokenizer:
         """Load a ``tokenizer.json``: one llmzoo wrote, or a Hugging Face one whose special tokens are named
         in the ``tokenizer_config.json`` beside it."""
         path = Path(path)
-        return cls.from_str(path.read_text(encoding="utf-8"), **special_tokens_beside(path))
+        try:
+            return cls.from_str(path.read_text(encoding="utf-8"), **special_tokens_beside(path))
+        except (UnicodeDecodeError, ValueError) as error:  # JSONDecodeError of tokenizer_config.json too
+            raise ValueError(f"{path}: {error}") from None
 
     @classmethod
     def from_str(cls, json_str: str, **special_tokens: str | None) -> Tokenizer:
         """From the JSON of a ``tokenizer.json``; ``special_tokens``: ``bos_token`` etc. if not llmzoo's."""
-        return cls(HFTokenizer.from_str(json_str), **special_tokens)
+        try:
+            tokenizer = HFTokenizer.from_str(json_str)
+        except Exception as error:  # tokenizers raises a bare Exception
+            raise ValueError(f"not a valid tokenizer.json ({error}): pass the tokenizer.json the model was trained "
+                             f"with, or --data.tokenizer bpe to train a new one") from None
+        return cls(tokenizer, **special_tokens)
 
     # ----------------------------------------------------------------- use
     def encode(self, text: str) -> list[int]:
@@ -162,6 +170,9 @@ def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
     :meth:`~Tokenizer.state_dict` in the checkpoint) or by ``llmzoo convert --from_hf``, or any file or directory with a ``tokenizer.json`` beside or inside it (a Hugging Face
     model directory, a checkpoint directory of a run)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer {path} does not exist: pass the tokenizer.json or checkpoint the model was "
+                                f"trained with, or --data.tokenizer bpe (or char) to train one")
     if path.is_file() and path.suffix == ".ckpt":
         import torch
 
@@ -170,7 +181,7 @@ def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
             if isinstance(value, dict) and isinstance(value.get(CHECKPOINT_KEY), str):
                 return Tokenizer.from_state_dict(value)
     for candidate in (path, path / "tokenizer.json", path.parent / "tokenizer.json"):
-        if candidate.is_file() and candidate.name == "tokenizer.json":
+        if candidate.is_file() and candidate.suffix == ".json":
             return Tokenizer.from_file(candidate)
     raise FileNotFoundError(f"no tokenizer found for {path}: neither inside the checkpoint nor a tokenizer.json "
                             f"beside it; pass the tokenizer.json the model was trained with")

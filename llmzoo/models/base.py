@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 from functools import partial
 from pathlib import Path
 
@@ -342,24 +343,34 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def checkpoint_architecture(checkpoint_path) -> type[CausalLM] | None:
-    """The llmzoo class a checkpoint file was saved from (None if it records none). Reads only the
-    pickle's metadata (tensors are memory-mapped) with ``weights_only=True``; a truncated, corrupted or
-    unsafe file raises a ``ValueError`` that says so."""
-    if not isinstance(checkpoint_path, (str, os.PathLike)):
-        return None  # a file object: Lightning reads it as is
-    path = Path(checkpoint_path)
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint file's contents with its tensors memory-mapped (reading it costs only its metadata), read
+    with ``weights_only=True``. A missing file raises ``FileNotFoundError``; a truncated, corrupted or unsafe
+    one a ``ValueError`` that says so."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (or use --ckpt_path last)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL (\S+)", str(error))  # what the pickle would have imported and called
         raise ValueError(f"refusing to load {path}: it holds objects that are not plain tensors and containers "
-                         f"(weights_only=True); only load checkpoints you trust ({str(error).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+                         f"({named[1] if named else 'weights_only=True'}); only load checkpoints you trust") from None
+    except (RuntimeError, EOFError, OSError, ValueError):
         raise ValueError(f"cannot read checkpoint {path}: the file is truncated, corrupted or not a PyTorch "
-                         f"checkpoint ({str(error).splitlines()[0]})") from None
-    name = checkpoint.get(ARCHITECTURE_KEY) if isinstance(checkpoint, dict) else None
+                         f"checkpoint") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
+
+
+def checkpoint_architecture(checkpoint_path) -> type[CausalLM] | None:
+    """The llmzoo class a checkpoint file was saved from (None if it records none); see :func:`read_checkpoint`
+    for the errors."""
+    if not isinstance(checkpoint_path, (str, os.PathLike)):
+        return None  # a file object: Lightning reads it as is
+    path = Path(checkpoint_path)
+    name = read_checkpoint(path).get(ARCHITECTURE_KEY)
     if name is None:
         return None
     if name not in CausalLM.registry:
