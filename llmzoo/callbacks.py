@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from llmzoo.data.sources import write_atomic
+from llmzoo.generation import room_after_prompts
 
 
 class TokensPerSecond(L.Callback):
@@ -194,12 +195,9 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int, **options) -> s
     the text ends at the tokenizer's end-of-sequence token."""
     options.setdefault("eos_token_id", tokenizer.eos_token_id)
     ids = tokenizer.encode(prompt) or [tokenizer.eos_token_id]
-    context = model.hparams.max_position_embeddings
-    if len(ids) >= context:
-        raise ValueError(f"the prompt has {len(ids)} tokens, but the model's context of {context} tokens must hold "
-                         f"it and at least one new token: shorten the prompt to at most {context - 1} tokens")
+    room = room_after_prompts([len(ids)], model.hparams.max_position_embeddings)
     input_ids = torch.tensor([ids], device=model.device)
-    output = model.generate(input_ids, min(max_new_tokens, context - len(ids)), **options)
+    output = model.generate(input_ids, min(max_new_tokens, room), **options)
     return tokenizer.decode(output[0, len(ids):].tolist())
 
 

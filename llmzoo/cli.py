@@ -31,7 +31,7 @@ from llmzoo.callbacks import (Checkpoint, StepSeed, StopOnNonFiniteLoss, Throttl
                               checkpoint_dir)
 from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
-from llmzoo.generation import GenerationConfig, TextStream, left_pad, stream
+from llmzoo.generation import GenerationConfig, TextStream, left_pad, room_after_prompts, stream
 from llmzoo.hf import (DEFAULT_MAX_SHARD_SIZE, config_from_hf, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
                        from_hf, load_checkpoint_model, load_hf_state_dict, load_hf_weights, read_hf_config)
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
@@ -149,11 +149,7 @@ def fitting_max_new_tokens(prompts: list[list[int]], max_new_tokens: int, *model
     """``max_new_tokens``, lowered (with a note on stderr) to what the models' context leaves after the longest
     of the tokenized ``prompts``; a prompt that leaves no room is refused."""
     context = min(m.hparams.max_position_embeddings for m in models if m is not None)
-    for number, ids in enumerate(prompts, 1):
-        if len(ids) >= context:
-            raise ValueError(f"prompt {number} has {len(ids)} tokens but the model's context is {context} tokens: "
-                             f"shorten it to at most {context - 1} tokens (the end of a long text, say)")
-    room = context - max(map(len, prompts))
+    room = room_after_prompts([len(ids) for ids in prompts], context)
     if max_new_tokens > room:
         print(f"llmzoo: note: max_new_tokens lowered from {max_new_tokens} to {room}: the longest prompt has "
               f"{context - room} tokens and the model's context is {context}", file=sys.stderr)

@@ -228,6 +228,18 @@ def left_pad(rows: list[list[int]], pad_token_id: int, device: torch.device | st
     return input_ids.to(device), attention_mask.to(device)
 
 
+def room_after_prompts(lengths: list[int], context: int) -> int:
+    """How many new tokens fit in ``context`` after the longest of the prompts of ``lengths`` tokens.
+
+    A prompt that leaves no room for one new token is refused with one line (nothing is cut silently)."""
+    for number, length in enumerate(lengths, 1):
+        if length >= context:
+            which = "the prompt" if len(lengths) == 1 else f"prompt {number}"
+            raise ValueError(f"{which} has {length} tokens, but the model's context of {context} tokens must hold "
+                             f"it and at least one new token: shorten the prompt to at most {context - 1} tokens")
+    return context - max(lengths)
+
+
 class TextStream:
     """The text of one row as its tokens arrive: :meth:`push` returns what was added since the last call,
     holding back a trailing incomplete character (U+FFFD from a split UTF-8 sequence) until the next

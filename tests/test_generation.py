@@ -10,8 +10,8 @@ import torch
 from tiny import TINY_CONFIGS, tiny_model
 
 from llmzoo.generation import (GenerationConfig, TextStream, apply_repetition_penalty, apply_temperature, generate,
-                               min_p_filter, process_logits, sample, stop_string_hits, stream, top_k_filter,
-                               top_p_filter)
+                               min_p_filter, process_logits, room_after_prompts, sample, stop_string_hits, stream,
+                               top_k_filter, top_p_filter)
 from llmzoo.layers import CausalSelfAttention, KVCache
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -140,6 +140,16 @@ def test_context_rule_prompt_plus_new_tokens_must_fit():
     draft = tiny_model("Llama", max_position_embeddings=32)
     with pytest.raises(ValueError, match="exceeds the draft_model's context of 32 tokens"):
         generate(model, torch.zeros(1, 30, dtype=torch.long), max_new_tokens=4, draft_model=draft)
+
+
+def test_room_after_prompts_names_the_prompt_that_does_not_fit():
+    assert room_after_prompts([3, 10, 5], 64) == 54
+    assert room_after_prompts([63], 64) == 1
+    with pytest.raises(ValueError, match="^prompt 2 has 64 tokens, but the model's context of 64 tokens must hold it "
+                                         "and at least one new token: shorten the prompt to at most 63 tokens$"):
+        room_after_prompts([3, 64, 5], 64)
+    with pytest.raises(ValueError, match="^the prompt has 80 tokens"):
+        room_after_prompts([80], 64)
 
 
 def test_bad_inputs_are_refused():
