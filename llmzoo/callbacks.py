@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -20,12 +21,46 @@ from llmzoo.data.sources import write_atomic
 from llmzoo.generation import room_after_prompts
 
 
-class TokensPerSecond(L.Callback):
-    """Logs ``train/tokens_per_sec`` (input tokens of this rank per second of wall time) every
-    ``log_every_n_steps`` optimizer steps, and shows it in the progress bar. Host-side timing, no device sync."""
+COMPUTE_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16,
+                  "16-true": torch.float16, "64-true": torch.float64}  # any other precision computes in float32
 
-    def __init__(self):
-        self.tokens, self.start, self.logged_step = 0, None, -1
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak dense matmul FLOP/s of one ``device`` in ``dtype`` (Lightning's table of GPUs), None where unknown
+    (CPUs, unlisted GPUs)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        if "h200" in name and not ("sxm1" in name or "nvl1" in name):  # reports "NVIDIA H200"; Lightning lists "SXM1"
+            if dtype is torch.float32 and torch.get_float32_matmul_precision() != "highest":
+                dtype = "tfloat32"
+            return H200_PEAK_FLOPS.get(dtype)
+    return get_available_flops(device, dtype)
+
+
+H200_PEAK_FLOPS = {torch.bfloat16: 989.4e12, torch.float16: 989.4e12, "tfloat32": 494.7e12, torch.float32: 66.9e12,
+                   torch.float64: 33.5e12}  # NVIDIA's dense figures for the H200 SXM (as the H100 SXM)
+
+
+class Throughput(L.Callback):
+    """Logs training throughput of this rank every ``log_every_n_steps`` optimizer steps: ``train/tokens_per_sec``
+    (input tokens per second of wall time), ``train/tflops_per_sec`` (``model.flops_per_token`` x tokens/s) and
+    ``train/mfu`` (model FLOPs utilisation: that over the device's peak for the run's precision); tokens/s and
+    MFU show in the progress bar. Host-side timing, no device sync.
+
+    Args:
+        peak_flops: peak FLOP/s of one device, for hardware Lightning's table does not list (CPUs among them);
+            without it and without a listed GPU no MFU is logged.
+    """
+
+    def __init__(self, peak_flops: float | None = None):
+        self.peak_flops = peak_flops
+        self.tokens, self.flops, self.start, self.logged_step = 0, 0, None, -1
+        self.flops_per_token: dict[int, int] = {}  # by sequence length
+
+    def on_train_start(self, trainer, pl_module):
+        if self.peak_flops is None:
+            dtype = COMPUTE_DTYPES.get(str(trainer.precision), torch.float32)
+            self.peak_flops = peak_flops(pl_module.device, dtype)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.start is None:
@@ -33,12 +68,22 @@ class TokensPerSecond(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
-        self.tokens += input_ids.shape[0] * (input_ids.shape[1] - 1)
+        batch_size, length = input_ids.shape[0], input_ids.shape[1] - 1
+        self.tokens += batch_size * length
+        if hasattr(pl_module, "flops_per_token"):
+            if length not in self.flops_per_token:
+                self.flops_per_token[length] = pl_module.flops_per_token(length)
+            self.flops += batch_size * length * self.flops_per_token[length]
         step = trainer.global_step
         if step % trainer.log_every_n_steps == 0 and step != self.logged_step:
             now = time.perf_counter()
-            pl_module.log("train/tokens_per_sec", self.tokens / (now - self.start), prog_bar=True)
-            self.tokens, self.start, self.logged_step = 0, now, step
+            seconds = now - self.start
+            pl_module.log("train/tokens_per_sec", self.tokens / seconds, prog_bar=True)
+            if self.flops:
+                pl_module.log("train/tflops_per_sec", self.flops / seconds / 1e12)
+                if self.peak_flops:
+                    pl_module.log("train/mfu", self.flops / seconds / self.peak_flops, prog_bar=True)
+            self.tokens, self.flops, self.start, self.logged_step = 0, 0, now, step
 
 
 class ThrottledProgressBar(TQDMProgressBar):

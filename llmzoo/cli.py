@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from tqdm.auto import tqdm
 
-from llmzoo.callbacks import (Checkpoint, StepSeed, StopOnNonFiniteLoss, ThrottledProgressBar, TokensPerSecond,
+from llmzoo.callbacks import (Checkpoint, StepSeed, StopOnNonFiniteLoss, ThrottledProgressBar, Throughput,
                               checkpoint_dir)
 from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
@@ -309,11 +309,13 @@ class LLMZooCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = self._get(self.config_init, "trainer", {})
-        defaults = [TokensPerSecond(), StepSeed(), StopOnNonFiniteLoss()]
+        given = trainer.get("callbacks") or []
+        defaults = [StepSeed(), StopOnNonFiniteLoss()]
+        if not any(isinstance(callback, Throughput) for callback in given):  # one given sets its own peak_flops
+            defaults.append(Throughput())
         if trainer.get("logger") is not False:
             defaults.append(LearningRateMonitor(logging_interval="step"))
-        if trainer.get("enable_progress_bar") is not False and not any(
-                isinstance(callback, ProgressBar) for callback in trainer.get("callbacks") or []):
+        if trainer.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
             defaults.append(ThrottledProgressBar())  # the same bar whether rich is installed or not
         self.trainer_defaults["callbacks"] = defaults
         return super().instantiate_trainer(**kwargs)

@@ -98,7 +98,7 @@ def test_fit_then_validate_every_architecture(runs, name):
     logs = run / "lightning_logs"
     fit_log, validate_log = logs / "version_0", logs / "version_1"
     assert (fit_log / "config.yaml").exists()
-    assert len(scalars(fit_log, "train/loss")) == 3 and scalars(fit_log, "train/tokens_per_sec")
+    assert len(scalars(fit_log, "train/loss")) == 3 and scalars(fit_log, "train/tokens_per_sec") and scalars(fit_log, "train/tflops_per_sec")
     assert scalars(fit_log, "lr-AdamW/pg1")  # LearningRateMonitor
     # validate rebuilds model and data from the checkpoint alone and reproduces the loss of fit's last validation
     assert scalars(validate_log, "val/loss") == pytest.approx(scalars(fit_log, "val/loss")[-1:], rel=1e-5)
