@@ -25,6 +25,7 @@ import torch
 from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import ModelParallelStrategy
 from tqdm.auto import tqdm
 
 from llmzoo.callbacks import (Checkpoint, StepSeed, StopOnNonFiniteLoss, ThrottledProgressBar, Throughput,
@@ -35,7 +36,9 @@ from llmzoo.generation import GenerationConfig, TextStream, left_pad, room_after
 from llmzoo.hf import (DEFAULT_MAX_SHARD_SIZE, config_from_hf, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
                        from_hf, load_checkpoint_model, load_hf_state_dict, load_hf_weights, read_hf_config)
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
-from llmzoo.models.base import checkpoint_architecture, qualified_name, read_checkpoint
+from llmzoo.models.base import (checkpoint_architecture, is_sharded_checkpoint, qualified_name, read_checkpoint,
+                                sharded_checkpoint_error)
+from llmzoo.strategies import consolidate_checkpoint
 
 LIST_OPTIONS = ("--prompt", "--stop")  # repeatable: each occurrence is one item
 # --model/--data settings that may change between the sessions of one run (vocab_size is linked from the data)
@@ -168,15 +171,19 @@ def convert(from_hf: str | None = None, to: str | None = None, ckpt_path: str | 
             to_hf: str | None = None, dtype: str | None = None, allow_pickle: bool = False,
             max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, overwrite: bool = False,
             tokenizer: str | None = None, model_class: str | None = None) -> Path:
-    """Convert a Hugging Face directory to a Lightning checkpoint or a checkpoint to a Hugging Face directory.
+    """Convert a Hugging Face directory to a Lightning checkpoint, a checkpoint to a Hugging Face directory, or a
+    sharded checkpoint to one file.
 
-    ``--from_hf DIR --to CKPT`` or ``--ckpt_path CKPT --to_hf DIR``; see docs/interop.md.
+    ``--from_hf DIR --to CKPT``, ``--ckpt_path CKPT --to_hf DIR`` (see docs/interop.md) or
+    ``--ckpt_path SHARDED_DIR --to CKPT`` (see docs/distributed.md).
 
     Args:
         from_hf: a Hugging Face model directory (config.json, safetensors weights, optionally tokenizer.json)
             to read; its tokenizer goes inside the checkpoint.
-        to: the Lightning checkpoint file to write from --from_hf (llmzoo fit/validate/generate --ckpt_path read it).
-        ckpt_path: a Lightning checkpoint to export with --to_hf.
+        to: the Lightning checkpoint file to write from --from_hf or from a sharded --ckpt_path (llmzoo
+            fit/validate/generate --ckpt_path read it).
+        ckpt_path: a Lightning checkpoint to export with --to_hf, or a sharded checkpoint (a directory) to write
+            as one file with --to.
         to_hf: the Hugging Face directory to write from --ckpt_path, with the run's tokenizer.
         dtype: dtype of the written weights (float32, bfloat16, float16); default: the source's.
         allow_pickle: read pytorch_model.bin weights (with torch.load(weights_only=True)) when there are no
@@ -189,12 +196,17 @@ def convert(from_hf: str | None = None, to: str | None = None, ckpt_path: str | 
     """
     if from_hf and to and not (ckpt_path or to_hf):
         path = convert_hf_to_checkpoint(from_hf, to, dtype, allow_pickle, overwrite)
+    elif ckpt_path and to and not (from_hf or to_hf):
+        if not is_sharded_checkpoint(ckpt_path):
+            raise ValueError(f"{ckpt_path} is not a sharded checkpoint: --ckpt_path --to makes one file of a "
+                             f"directory of shards; export a checkpoint file with --to_hf")
+        path = consolidate_checkpoint(ckpt_path, to, overwrite)
     elif ckpt_path and to_hf and not (from_hf or to):
         path = convert_checkpoint_to_hf(ckpt_path, to_hf, load_tokenizer_for_checkpoint(tokenizer or ckpt_path),
                                         model_class, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     else:
-        raise ValueError("convert needs --from_hf DIR --to CKPT (Hugging Face -> checkpoint) or "
-                         "--ckpt_path CKPT --to_hf DIR (checkpoint -> Hugging Face)")
+        raise ValueError("convert needs --from_hf DIR --to CKPT (Hugging Face -> checkpoint), --ckpt_path CKPT "
+                         "--to_hf DIR (checkpoint -> Hugging Face) or --ckpt_path SHARDED_DIR --to CKPT (one file)")
     print(f"wrote {path}")
     return path
 
@@ -269,7 +281,7 @@ class LLMZooCLI(LightningCLI):
             sys.exit(0)
         config = self.config.get(self.config.get("subcommand") or "", Namespace())
         ckpt_path, model = config.get("ckpt_path"), config.get("model")
-        if ckpt_path and Path(ckpt_path).is_file():  # before LightningCLI reads its hyperparameters
+        if ckpt_path and is_checkpoint(ckpt_path):  # before LightningCLI reads its hyperparameters
             stored = checkpoint_architecture(ckpt_path)
             if stored is not None and model is not None and import_class(model.class_path) is not stored:
                 raise ValueError(f"{ckpt_path} holds a {stored.__name__} model, not a {model.class_path}: leave out "
@@ -285,7 +297,7 @@ class LLMZooCLI(LightningCLI):
         if data is None and self.subcommand not in (None, "generate"):
             raise ValueError(f"{self.subcommand} needs data: --data TextDataModule --data.path <your texts> (or a "
                              f"--config that has a data section)")
-        if (ckpt_path and Path(ckpt_path).is_file() and data is not None
+        if (ckpt_path and is_checkpoint(ckpt_path) and data is not None
                 and data.init_args.get("tokenizer") in TOKENIZER_KINDS):  # never train a tokenizer for a trained model
             data.init_args.tokenizer = ckpt_path
         if self.subcommand == "fit":
@@ -293,14 +305,17 @@ class LLMZooCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
-        if not isinstance(self.datamodule, LanguageDataModule):
-            return
-        self.datamodule.check_model(self.model)  # here: a failing trainer.fit would have written logs
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             ckpt_path = last_checkpoint(config.checkpoint.dirpath)
-        if ckpt_path and Path(ckpt_path).is_file():
+        if is_sharded_checkpoint(ckpt_path) and (self.subcommand == "generate"
+                                                 or not isinstance(self.trainer.strategy, ModelParallelStrategy)):
+            raise sharded_checkpoint_error(ckpt_path)  # only the strategy that wrote the shards reads them
+        if not isinstance(self.datamodule, LanguageDataModule):
+            return
+        self.datamodule.check_model(self.model)  # here: a failing trainer.fit would have written logs
+        if ckpt_path and is_checkpoint(ckpt_path):
             trained = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("vocab_size")
             if trained is not None and trained != self.datamodule.vocab_size:
                 raise ValueError(f"the tokenizer has {self.datamodule.vocab_size} tokens but the model of {ckpt_path} "
@@ -341,6 +356,8 @@ def with_checkpoint_classes(args: list[str], subcommands: set[str]) -> list[str]
         cls, init_args = config_from_hf(read_hf_config(ckpt_path))
         model = json.dumps({"class_path": qualified_name(cls), "init_args": init_args})
         return args[:position + 1] + [f"--model={model}"] + args[position + 1:]
+    if is_sharded_checkpoint(ckpt_path):  # Lightning reads no hyperparameters from it: the run's configs are needed
+        raise sharded_checkpoint_error(ckpt_path)
     if not Path(ckpt_path).is_file():
         return args
     checkpoint = read_checkpoint(ckpt_path)
@@ -384,6 +401,11 @@ def option_value(args: list[str], option: str) -> str | None:
         if arg.startswith(option + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def is_checkpoint(path: str) -> bool:
+    """A checkpoint file or a sharded checkpoint directory."""
+    return Path(path).is_file() or is_sharded_checkpoint(path)
 
 
 def import_class(class_path: str) -> type:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from llmzoo.models import ARCHITECTURES, GPT, GPT2, CausalLM, Llama, Mistral, Mixtral
-from llmzoo.models.base import ARCHITECTURE_KEY, qualified_name
+from llmzoo.models.base import ARCHITECTURE_KEY, is_sharded_checkpoint, qualified_name, sharded_checkpoint_error
 
 FAMILIES = {"openai-gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "mixtral": Mixtral}
 HF_CLASS_NAMES = {"openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
@@ -767,9 +767,10 @@ def load_checkpoint_model(ckpt_path: str | os.PathLike, model_class: str | type[
     ``weights_only=True``; nothing is initialised at random). The class is the one the checkpoint
     records (see :func:`lightning_checkpoint`), else ``model_class``."""
     ckpt_path = Path(ckpt_path)
+    if is_sharded_checkpoint(ckpt_path):
+        raise sharded_checkpoint_error(ckpt_path)
     if ckpt_path.is_dir():
-        raise IsADirectoryError(f"{ckpt_path} is a directory (a distributed checkpoint?): consolidate it into one "
-                                f"file first (python -m lightning.pytorch.utilities.consolidate_checkpoint)")
+        raise IsADirectoryError(f"{ckpt_path} is a directory, not a checkpoint file")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{ckpt_path} is not a Lightning checkpoint of an llmzoo model "

@@ -30,7 +30,8 @@ SHRINK = ["--model.embed_dim", "32", "--model.num_layers", "2", "--data.seq_len"
 
 
 def llmzoo(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}  # runs go two at a time
+    # tests/ holds callbacks that tests add by import path; runs go two at a time
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "llmzoo", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
 
@@ -161,6 +162,27 @@ def test_every_config_prints(config, capsys):
     assert "vocab_size" not in printed["model"]["init_args"]  # linked from the data
 
 
+def contains(printed, given) -> bool:
+    """Whether every setting of the config ``given`` has its value in the ``printed`` one."""
+    if isinstance(given, dict):
+        return isinstance(printed, dict) and all(key in printed and contains(printed[key], value)
+                                                 for key, value in given.items())
+    return printed == given
+
+
+@pytest.mark.parametrize("preset", sorted(path.stem for path in (CONFIGS / "trainer").glob("*.yaml")))
+def test_every_trainer_preset_composes_with_an_architecture_config(preset, capsys):
+    """``--config configs/llama-7b.yaml --config configs/trainer/<preset>.yaml``: the merged config holds every
+    setting of both (the presets add to the architecture's model section, never replace it)."""
+    configs = [CONFIGS / "llama-7b.yaml", CONFIGS / "trainer" / f"{preset}.yaml"]
+    with pytest.raises(SystemExit) as exit_:
+        LLMZooCLI(args=["fit", *(f"--config={path}" for path in configs), "--print_config"])
+    assert exit_.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for path in configs:
+        assert contains(printed, yaml.safe_load(path.read_text())), path
+
+
 def test_print_config_with_the_class_on_the_command_line(capsys):
     with pytest.raises(SystemExit):
         LLMZooCLI(args=["fit", "--model", "Mixtral", "--data", "StreamingTextDataModule", "--print_config"])
@@ -176,6 +198,23 @@ def test_paper_presets_instantiate_on_the_meta_device(config):
     with torch.device("meta"):
         model = model_class(vocab_size=preset["data"]["init_args"]["bpe_vocab_size"], **preset["model"]["init_args"])
     assert model.num_parameters() == PAPER[config]
+
+
+@pytest.mark.slow
+def test_fit_with_compiled_blocks_on_cpu(tmp_path):
+    """``--model.compile true`` (torch.compile of each block, needs a C++ compiler): the checkpoint keeps the eager
+    names, and an eager ``validate`` of it reproduces the loss of fit's last (compiled) validation."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(300)))
+    check(llmzoo("fit", "--config", CONFIGS / "llama.yaml", "--data.path", corpus, "--data.cache_dir", tmp_path,
+                 *SHRINK, "--data.tokenizer", "char", "--model.compile", "true", "--trainer.max_steps", "3",
+                 "--trainer.default_root_dir", tmp_path))
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert not any("_orig_mod" in key for key in torch.load(checkpoint, weights_only=True)["state_dict"])
+    check(llmzoo("validate", "--ckpt_path", checkpoint, "--model.compile", "false", "--trainer.limit_val_batches", "2",
+                 "--trainer.default_root_dir", tmp_path))
+    fit_log, validate_log = (tmp_path / "lightning_logs" / f"version_{i}" for i in (0, 1))
+    assert scalars(validate_log, "val/loss") == pytest.approx(scalars(fit_log, "val/loss")[-1:], rel=1e-4)
 
 
 @pytest.mark.slow

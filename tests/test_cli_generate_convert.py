@@ -225,6 +225,7 @@ def test_convert_both_ways(zoo, capsys, tmp_path):
     (["--from_hf", "HF"], "convert needs --from_hf DIR --to CKPT"),
     (["--ckpt_path", "CKPT", "--to_hf", "OUT", "--to", "x.ckpt"], "convert needs --from_hf DIR --to CKPT"),
     (["--from_hf", "MISSING", "--to", "x.ckpt"], "missing is not a directory"),
+    (["--ckpt_path", "CKPT", "--to", "x.ckpt"], "is not a sharded checkpoint: --ckpt_path --to makes one file"),
 ])
 def test_convert_errors(zoo, capsys, tmp_path, args, message):
     paths = {"HF": zoo.hf, "CKPT": zoo.target, "OUT": tmp_path / "out", "MISSING": tmp_path / "missing"}

@@ -2,12 +2,15 @@
 
 import gzip
 import json
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from record_batches import RecordBatches
 from tiny import tiny_model
 from torch.utils.data import DataLoader
 
@@ -119,7 +122,30 @@ def test_interrupted_tokenization_leaves_no_cache(corpus, tmp_path, monkeypatch)
     monkeypatch.setattr(datamodules, "tokenize_pieces", interrupted)
     with pytest.raises(KeyboardInterrupt):
         dm.prepare_data()
-    assert [p.name.startswith("tokenizer-") for p in (tmp_path / "cache").iterdir()] == [True]
+    left = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]  # locks stay
+    assert [name.startswith("tokenizer-") for name in left] == [True]
+
+
+def test_ranks_started_together_train_the_tokenizer_and_tokenize_once(corpus, tmp_path, monkeypatch):
+    """torchrun and srun start every rank at once, and each builds the datamodule: one process trains the
+    tokenizer (and writes the token cache) while the others wait, then they load it."""
+    calls = Counter()
+
+    def slowly(name, function):  # counts the calls and lets the other threads arrive meanwhile
+        def call(*args):
+            calls[name] += 1
+            time.sleep(0.3)
+            return function(*args)
+        return call
+
+    monkeypatch.setattr(Tokenizer, "train_chars", slowly("train", Tokenizer.train_chars))
+    monkeypatch.setattr(datamodules, "tokenize_pieces", slowly("tokenize", datamodules.tokenize_pieces))
+    modules = [text_module(corpus, tmp_path) for _ in range(3)]  # one per rank, sharing the cache
+    with ThreadPoolExecutor(3) as pool:
+        tokenizers = list(pool.map(lambda module: module.tokenizer, modules))
+        token_files = list(pool.map(lambda module: module.token_file(), modules))
+    assert calls == {"train": 1, "tokenize": 1}
+    assert tokenizers[0] == tokenizers[1] == tokenizers[2] and len(set(token_files)) == 1
 
 
 def test_large_vocabularies_use_uint32_tokens(corpus, tmp_path):
@@ -223,21 +249,13 @@ def test_streaming_resumes_at_the_same_window_with_shuffling_and_workers(tmp_pat
     assert not torch.equal(first[0], first[1])
 
 
-class RecordBatches(L.Callback):
-    def __init__(self):
-        self.batches = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(batch.clone())
-
-
 def fit(dm, tmp_path, max_steps, ckpt_path=None, every=None):
     recorder = RecordBatches()
     callbacks = [recorder] + ([Checkpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every)] if every else [])
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=bool(every), limit_val_batches=0, callbacks=callbacks, accelerator="cpu")
     trainer.fit(tiny_model("GPT2", vocab_size=dm.vocab_size), dm, ckpt_path=ckpt_path)
-    return recorder.batches
+    return recorder.batches["train"]
 
 
 @pytest.mark.parametrize("streaming", [False, True])

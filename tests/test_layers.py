@@ -205,6 +205,25 @@ def test_linear_cross_entropy_matches_unfused(vocab, chunk, monkeypatch):
     assert torch.allclose(total, F.cross_entropy(hidden @ weight.T, targets, reduction="sum"), rtol=1e-5)
 
 
+def test_linear_cross_entropy_with_bf16_weights_sums_the_weight_gradient_in_float32(monkeypatch):
+    """bf16-true: hidden states and weights in bf16. Over 64 chunks of rows the gradients stay within one bf16
+    rounding of the float32 ones computed from the same values (summing the weight gradient in bf16 was 4x off)."""
+    from llmzoo.layers import loss
+
+    monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 64 * 512)
+    hidden = torch.randn(4096, 64).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(512, 64) * 0.05).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 512, (4096,))
+    fused = loss.linear_cross_entropy(hidden, weight, targets)
+    fused.backward()
+    exact_hidden, exact_weight = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    reference = F.cross_entropy(exact_hidden @ exact_weight.T, targets)
+    reference.backward()
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(reference.item(), rel=1e-5)
+    for grad, exact in ((hidden.grad, exact_hidden.grad), (weight.grad, exact_weight.grad)):
+        assert grad.dtype == torch.bfloat16 and (grad.float() - exact).norm() / exact.norm() < 2**-8
+
+
 def test_linear_cross_entropy_under_bf16_autocast():
     from llmzoo.layers.loss import linear_cross_entropy
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from llmzoo.data.datasets import PackedStream, Progress, ResumableLoader, TokenWindows, tokenize_pieces
-from llmzoo.data.sources import cache_dir, cache_key, read_pieces, resolve_files, write_atomic
+from llmzoo.data.sources import cache_dir, cache_key, one_at_a_time, read_pieces, resolve_files, write_atomic
 from llmzoo.data.tokenizer import Tokenizer, load_tokenizer_for_checkpoint
 
 TOKENIZER_KINDS = {"bpe": "byte-level BPE", "char": "character-level"}
@@ -78,14 +78,15 @@ class LanguageDataModule(L.LightningDataModule):
         if spec not in TOKENIZER_KINDS:
             return load_tokenizer_for_checkpoint(spec)
         path = cache_dir(self.hparams.cache_dir) / f"tokenizer-{spec}-{self.tokenizer_cache_key()}.json"
-        if path.exists():
-            return Tokenizer.from_file(path)
-        rank_zero_info(f"Training a {TOKENIZER_KINDS[spec]} tokenizer on {len(self.files)} files")
-        if spec == "bpe":
-            tokenizer = Tokenizer.train_bpe(self.training_text(), self.hparams.bpe_vocab_size)
-        else:
-            tokenizer = Tokenizer.train_chars(self.training_text())
-        tokenizer.save(path)
+        with one_at_a_time(path):  # every rank builds the datamodule; one trains, the others load
+            if path.exists():
+                return Tokenizer.from_file(path)
+            rank_zero_info(f"Training a {TOKENIZER_KINDS[spec]} tokenizer on {len(self.files)} files")
+            if spec == "bpe":
+                tokenizer = Tokenizer.train_bpe(self.training_text(), self.hparams.bpe_vocab_size)
+            else:
+                tokenizer = Tokenizer.train_chars(self.training_text())
+            tokenizer.save(path)
         rank_zero_info(f"Tokenizer with {tokenizer.vocab_size} tokens cached at {path}")
         return tokenizer
 
@@ -168,15 +169,15 @@ class TextDataModule(LanguageDataModule):
         tokenizer = self.tokenizer
         key = cache_key(self.files, self.hparams.text_field, tokenizer.to_str(), TOKEN_FILE_VERSION)
         path = cache_dir(self.hparams.cache_dir) / f"tokens-{key}.{np.dtype(self.token_dtype).name}"
-        if path.exists():
-            return path
         def write(out) -> None:
             total = sum(file.stat().st_size for file in self.files)
             with tqdm(total=total, unit="B", unit_scale=True, desc="Tokenizing") as bar:
                 for tokens in tokenize_pieces(tokenizer, self._pieces(bar), self.token_dtype):
                     tokens.tofile(out)
 
-        write_atomic(path, write)
+        with one_at_a_time(path):  # prepare_data runs on every node: with a shared cache, one node tokenizes
+            if not path.exists():
+                write_atomic(path, write)
         return path
 
     def _pieces(self, bar: tqdm) -> Iterator[tuple[str, bool]]:

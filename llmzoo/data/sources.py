@@ -19,6 +19,7 @@ import sysconfig
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -140,6 +141,27 @@ def cache_key(files: list[Path], *parts: object) -> str:
     for part in parts:
         digest.update(str(part).encode() + b"\n")
     return digest.hexdigest()[:20]
+
+
+@contextmanager
+def one_at_a_time(path: Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` (a hidden ``.lock`` file beside it) while inside, so that processes
+    building the same cache file take turns and the later ones find it built: the ranks of a ``torchrun`` or
+    ``srun`` launch start together. Without ``fcntl`` (Windows), in a read-only directory or where the file
+    system refuses locks, no lock is taken (the file is still written atomically)."""
+    try:
+        import fcntl
+
+        lock = open(path.parent / f".{path.name}.lock", "a")
+    except (ImportError, OSError):
+        yield
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield  # closing the file releases the lock
 
 
 def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:

@@ -167,16 +167,18 @@ def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
     """The tokenizer a checkpoint was trained with.
 
     ``path`` is a Lightning ``.ckpt`` written by ``llmzoo fit`` (the datamodule keeps the tokenizer's
-    :meth:`~Tokenizer.state_dict` in the checkpoint) or by ``llmzoo convert --from_hf``, or any file or directory with a ``tokenizer.json`` beside or inside it (a Hugging Face
+    :meth:`~Tokenizer.state_dict` in the checkpoint; a sharded one in its ``meta.pt``) or by ``llmzoo convert
+    --from_hf``, or any file or directory with a ``tokenizer.json`` beside or inside it (a Hugging Face
     model directory, a checkpoint directory of a run)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist: pass the tokenizer.json or checkpoint the model was "
                                 f"trained with, or --data.tokenizer bpe (or char) to train one")
-    if path.is_file() and path.suffix == ".ckpt":
+    state = path / "meta.pt" if (path / "meta.pt").is_file() else path  # a sharded checkpoint keeps it in meta.pt
+    if state.is_file() and (state.suffix == ".ckpt" or state.name == "meta.pt"):
         import torch
 
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(state, map_location="cpu", weights_only=True, mmap=True)
         for value in checkpoint.values():
             if isinstance(value, dict) and isinstance(value.get(CHECKPOINT_KEY), str):
                 return Tokenizer.from_state_dict(value)

@@ -34,7 +34,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         valid = targets != IGNORE_INDEX
         scale = (valid / valid.sum().clamp(min=1))[:, None]  # d(mean loss) / d(row loss)
-        grad_hidden, grad_weight = torch.empty_like(hidden), torch.empty_like(weight)
+        # 16-bit weights (bf16-true): each chunk's product is rounded once, the sum over chunks kept in float32
+        low_precision = weight.dtype in (torch.float16, torch.bfloat16)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if low_precision else torch.empty_like(weight)
         compute_weight = weight.to(hidden.dtype)  # a bf16 copy under mixed precision, else weight itself
         chunks = _row_chunks(hidden.shape[0], weight.shape[0])
         # one buffer for every chunk's logits and one for its log-probs: fresh large allocations
@@ -52,8 +55,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=probs.dtype))  # softmax - onehot
             grad_logits = probs.mul_(scale[chunk]).to(hidden.dtype)
             torch.mm(grad_logits, compute_weight, out=grad_hidden[chunk])
-            grad_weight.addmm_(grad_logits.t().to(weight.dtype), h.to(weight.dtype), beta=int(i > 0))
-        ctx.grads = grad_hidden, grad_weight
+            if low_precision:
+                grad_weight += grad_logits.t().to(weight.dtype) @ h.to(weight.dtype)
+            else:
+                grad_weight.addmm_(grad_logits.t().to(weight.dtype), h.to(weight.dtype), beta=int(i > 0))
+        ctx.grads = grad_hidden, grad_weight.to(weight.dtype)
         return total / valid.sum().clamp(min=1)
 
     @staticmethod

@@ -55,7 +55,8 @@ class CausalLM(L.LightningModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        CausalLM.registry[qualified_name(cls)] = cls
+        if not cls.__module__.startswith("torch."):  # FSDP2's fully_shard makes the model an FSDP<Name> subclass
+            CausalLM.registry[qualified_name(cls)] = cls
 
     def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, num_layers: int,
                  max_position_embeddings: int, dropout: float = 0.0, tie_word_embeddings: bool = False, *,
@@ -200,8 +201,9 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
-        """Called by Lightning before training. Under ``ModelParallelStrategy`` (FSDP2) shard every block and
-        then the rest of the model over the data-parallel mesh; with ``compile`` compile each block in
+        """Called by Lightning before training. Under ``ModelParallelStrategy`` (FSDP2; see
+        :class:`~llmzoo.strategies.FSDP2Strategy`) shard every block and then the rest of the model over the
+        data-parallel mesh (a tensor-parallel size above 1 is refused); with ``compile`` compile each block in
         place (state-dict names stay). Idempotent."""
         if getattr(self, "_configured", False):
             return
@@ -212,7 +214,13 @@ class CausalLM(L.LightningModule):
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-            data_parallel = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+            names = mesh.mesh_dim_names or ()
+            tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+            if tensor_parallel > 1:
+                raise ValueError(f"llmzoo's models shard with FSDP2 over data-parallel ranks only, but this "
+                                 f"ModelParallelStrategy has a tensor-parallel size of {tensor_parallel}: use "
+                                 f"--trainer.strategy llmzoo.strategies.FSDP2Strategy (configs/trainer/fsdp.yaml)")
+            data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
             for block in self.blocks:
                 fully_shard(block, mesh=data_parallel)
             fully_shard(self, mesh=data_parallel)
@@ -288,13 +296,17 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint[ARCHITECTURE_KEY] = qualified_name(type(self))
+        architecture = next((cls for cls in type(self).__mro__ if CausalLM.registry.get(qualified_name(cls)) is cls),
+                            type(self))
+        checkpoint[ARCHITECTURE_KEY] = qualified_name(architecture)  # Llama, not the FSDPLlama of fully_shard
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
                              weights_only: bool | None = True, **kwargs):
         """Lightning's ``load_from_checkpoint``, reading with ``weights_only=True`` and refusing a checkpoint
         of another architecture. ``CausalLM.load_from_checkpoint(path)`` builds whichever one it holds."""
+        if is_sharded_checkpoint(checkpoint_path):
+            raise sharded_checkpoint_error(checkpoint_path)
         stored = checkpoint_architecture(checkpoint_path)
         target = stored if cls is CausalLM else cls
         if stored is not None and stored is not target:
@@ -343,11 +355,29 @@ def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+SHARDED_METADATA = "meta.pt"  # in a sharded checkpoint directory, Lightning's file of all but the sharded state
+
+
+def is_sharded_checkpoint(path) -> bool:
+    """Whether ``path`` is a sharded checkpoint: a directory of ``torch.distributed.checkpoint`` shards and
+    Lightning's ``meta.pt``, as :class:`~llmzoo.strategies.FSDP2Strategy` writes."""
+    return isinstance(path, (str, os.PathLike)) and (Path(path) / SHARDED_METADATA).is_file()
+
+
+def sharded_checkpoint_error(path) -> ValueError:
+    return ValueError(f"{path} is a sharded checkpoint (a directory of shards): resume it with fit and the run's "
+                      f"--config files (configs/trainer/fsdp.yaml among them); for anything else make one file of it, "
+                      f"llmzoo convert --ckpt_path {path} --to model.ckpt")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint file's contents with its tensors memory-mapped (reading it costs only its metadata), read
-    with ``weights_only=True``. A missing file raises ``FileNotFoundError``; a truncated, corrupted or unsafe
-    one a ``ValueError`` that says so."""
+    with ``weights_only=True``; of a sharded checkpoint, all but the weights and optimizer states (its
+    ``meta.pt``). A missing file raises ``FileNotFoundError``; a truncated, corrupted or unsafe one a
+    ``ValueError`` that says so."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        path = path / SHARDED_METADATA
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (or use --ckpt_path last)")
     try:

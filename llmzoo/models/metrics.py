@@ -23,6 +23,12 @@ class TokenNLL(Metric):
         self.add_state("nll", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
+    def _apply(self, fn, *args, **kwargs):
+        # torchmetrics converts the states on module.to(dtype), as Lightning's bf16-true does: keep float64 sums
+        this = super()._apply(fn, *args, **kwargs)
+        this.nll, this._defaults["nll"] = this.nll.double(), this._defaults["nll"].double()
+        return this
+
     def update(self, nll_sum: Tensor, count: Tensor) -> None:
         self.nll += nll_sum.detach().double()
         self.count += count.detach()

@@ -1,20 +1,20 @@
-"""Sharded training (FSDP2 through Lightning's ModelParallelStrategy) on 2 CPU processes with gloo:
-6 steps straight, then 3 steps (the Checkpoint callback saving a distributed checkpoint at step 3) and a
-resume to 6 from it. Writes, per rank, a digest of the final weights of both runs, the resumed run's step
-and its losses to OUT/rankN.txt. Run by tests/test_distributed.py."""
+"""Sharded training (FSDP2 through llmzoo's FSDP2Strategy) on 2 CPU processes with gloo: 6 steps straight, then
+3 steps (the Checkpoint callback saving a distributed checkpoint at step 3) and a resume to 6 from it. Writes,
+per rank, a digest of the final weights of both runs, the resumed run's step and its losses to OUT/rankN.txt.
+Run by tests/test_distributed.py."""
 
 import sys
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import tiny_model  # noqa: E402
 
 from llmzoo.callbacks import Checkpoint, StepSeed  # noqa: E402
 from llmzoo.data import TextDataModule  # noqa: E402
+from llmzoo.strategies import FSDP2Strategy  # noqa: E402
 
 architecture, out = sys.argv[1], Path(sys.argv[2])
 corpus = out / "corpus.txt"
@@ -26,7 +26,7 @@ def trainer(max_steps: int, name: str) -> L.Trainer:
                      enable_model_summary=False, default_root_dir=out, num_sanity_val_steps=0,
                      val_check_interval=3, check_val_every_n_epoch=None,
                      callbacks=[StepSeed(0), Checkpoint(dirpath=out / name, every_n_train_steps=3)],
-                     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+                     strategy=FSDP2Strategy())
 
 
 def digest(model) -> float:
