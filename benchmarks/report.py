@@ -14,6 +14,8 @@ from pathlib import Path
 PARTS = {  # the page's sections, in order
     "train": "benchmarks.train_step",
     "decode": "benchmarks.decode",
+    "memory": "benchmarks.memory",
+    "scaling": "benchmarks.scaling",
     "moe": "benchmarks.moe",
     "tokenizer": "benchmarks.tokenizer_throughput",
     "shakespeare": "benchmarks.shakespeare",
