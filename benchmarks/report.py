@@ -19,6 +19,7 @@ PARTS = {  # the page's sections, in order
     "moe": "benchmarks.moe",
     "tokenizer": "benchmarks.tokenizer_throughput",
     "shakespeare": "benchmarks.shakespeare",
+    "gpu": "benchmarks.gpu",
 }
 
 INTRO = """# Benchmarks
