@@ -8,6 +8,10 @@
 
 Writes ``<out>/benchmarks.md``, ``<out>/benchmarks/results.json`` and ``<out>/benchmarks/*.png``; ``--out``
 defaults to docs/ (``--quick``: runs/benchmarks-quick/, so that a smoke run never replaces the real page).
+Results already stored there are kept for the parts not run. On a machine whose output must go elsewhere
+(a borrowed GPU), start from a copy of docs/ so that the page keeps the CPU sections:
+
+    cp -r docs "$OUT/docs" && python -m benchmarks --part gpu --out "$OUT/docs"   # then copy it back
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{part}] running ...", flush=True)
         start = time.perf_counter()
         result = importlib.import_module(PARTS[part]).measure(quick=args.quick)
-        print(section(part, result), f"\n[{part}] {time.perf_counter() - start:.0f} s\n", flush=True)
         store(results, part, result)
         stored.write_text(json.dumps(results, indent=1) + "\n")  # after each part: a crash keeps what was measured
+        print(section(part, result), f"\n[{part}] {time.perf_counter() - start:.0f} s\n", flush=True)
     (out / "benchmarks.md").write_text(page(results, plots))
     print(f"wrote {out / 'benchmarks.md'} and {plots}/")
 
