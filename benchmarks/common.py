@@ -85,7 +85,8 @@ def hardware(device: str = "cpu") -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 def environment(device: str = "cpu") -> dict[str, str]:
