@@ -14,7 +14,7 @@ def ratio_bars(path: Path, labels: list[str], ratios: list[dict], title: str, ta
                xlabel: str = "speed-up (x)") -> str:
     """Horizontal bars of the median ratios with their minimum marked, a dashed line at 1x and ticks at the
     targets; returns the Markdown image line."""
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.4))
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(labels) + 1.4))
     rows = range(len(labels))[::-1]
     ax.barh(rows, [r["median"] for r in ratios], color="tab:blue", label="median")
     ax.plot([r["min"] for r in ratios], rows, "k|", markersize=18, label="min")
@@ -25,7 +25,7 @@ def ratio_bars(path: Path, labels: list[str], ratios: list[dict], title: str, ta
     ax.set_yticks(list(rows), labels)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return save(fig, path, title)
 
 

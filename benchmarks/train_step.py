@@ -138,13 +138,15 @@ def report(result: dict, plots: Path | None = None) -> str:
 def where_the_time_goes(rows: list[dict]) -> list[str]:
     """The table and prose on where a step's time goes, with the numbers of this run."""
     lines = ["Where the time goes: the median step, and the self time of its matrix-multiply ops and of its softmax "
-             "and loss ops in one profiled step (torch profiler, the least of two).", "",
+             "and loss ops in one profiled step (torch profiler, the least of two). *Bound* = HF's step / llmzoo's "
+             "matrix multiplies: the ratio if llmzoo spent no time outside them.", "",
              "| model | HF step ms | HF matmul ms | HF softmax + loss ms | llmzoo step ms | llmzoo matmul ms | "
-             "llmzoo softmax + loss ms |", "|---|---|---|---|---|---|---|"]
+             "llmzoo softmax + loss ms | bound |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = {name: [median_ms(r["times"][name]), 1e3 * r["op_seconds"][name]["matmul"],
                      1e3 * r["op_seconds"][name]["softmax_loss"]] for name in ("hf", "llmzoo")}
-        lines.append(f"| {r['family']} | " + " | ".join(f"{v:.0f}" for v in ms["hf"] + ms["llmzoo"]) + " |")
+        lines.append(f"| {r['family']} | " + " | ".join(f"{v:.0f}" for v in ms["hf"] + ms["llmzoo"])
+                     + f" | {ms['hf'][0] / ms['llmzoo'][1]:.2f}x |")
     largest = max(rows, key=lambda r: r["vocab"])
     logit_mb = largest["batch"] * largest["seq"] * largest["vocab"] * 4 / 1e6
     lines += ["", "The matrix multiplies are the same work in both; the rest differs. HF materialises the logits "
