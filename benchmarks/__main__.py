@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", nargs="+", choices=list(PARTS), default=list(PARTS),
-                        help="parts to run (default: all)")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="+", choices=list(PARTS), default=list(PARTS), metavar="PART",
+                        help=f"parts to run, of: {' '.join(PARTS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="toy sizes and few repeats: checks that it all works")
     parser.add_argument("--out", type=Path, help="where the page goes (default: docs/, or runs/benchmarks-quick/)")
     parser.add_argument("--render", action="store_true", help="run nothing; rewrite the page from the stored results")
