@@ -1,7 +1,9 @@
-"""Shared helpers for the benchmarks: timing with warm-up and repeats, and the hardware line."""
+"""Shared helpers for the benchmarks: timing in turns with warm-up and repeats, ratios per turn, the
+matrix-multiply share of a step, and the hardware line."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import statistics
@@ -9,6 +11,11 @@ import time
 from typing import Callable
 
 import torch
+
+OPS = {  # groups of profiler events, by a part of their names
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"),
+    "softmax_loss": ("softmax", "nll_loss"),
+}
 
 
 def timeit(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
@@ -39,12 +46,38 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: 
     return times
 
 
-def summary(times: list[float]) -> str:
-    return f"min {min(times) * 1e3:.1f} ms, median {statistics.median(times) * 1e3:.1f} ms"
+def ratios(reference: list[float], ours: list[float]) -> dict[str, float]:
+    """``reference / ours`` of the times of each turn of :func:`interleaved`: their median and their minimum."""
+    per_turn = [r / o for r, o in zip(reference, ours)]
+    return {"median": statistics.median(per_turn), "min": min(per_turn)}
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
+def ratio_text(ratio: dict[str, float]) -> str:
+    return f"{ratio['median']:.2f}x (min {ratio['min']:.2f}x)"
+
+
+def median_ms(times: list[float]) -> float:
+    return 1e3 * statistics.median(times)
+
+
+def op_seconds(fn: Callable[[], object], repeats: int = 2) -> dict[str, float]:
+    """Seconds one call of ``fn`` spends in each group of :data:`OPS` (torch profiler, self CPU time; the
+    least over ``repeats`` profiled calls)."""
+    from torch.profiler import profile
+
+    seconds = {group: [] for group in OPS}
+    for _ in range(repeats):
+        with profile() as prof:
+            fn()
+        events = prof.key_averages()
+        for group, names in OPS.items():
+            seconds[group].append(sum(e.self_cpu_time_total for e in events if any(n in e.key for n in names)) / 1e6)
+    return {group: min(values) for group, values in seconds.items()}
+
+
+def hardware(device: str = "cpu") -> str:
+    """The machine a measurement ran on: the GPU's name for ``"cuda"``, else the CPU's, with torch's threads."""
+    if device == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     cpu = platform.processor() or platform.machine()
     try:
@@ -52,4 +85,13 @@ def hardware() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread{'s' if threads > 1 else ''}"
+
+
+def environment(device: str = "cpu") -> dict[str, str]:
+    """Where and when a part ran: stored with its results and printed above its section."""
+    import transformers
+
+    return {"date": datetime.date.today().isoformat(), "hardware": hardware(device), "torch": torch.__version__,
+            "transformers": transformers.__version__}
