@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32
+CHUNK_ELEMENTS = 2**22  # logits per chunk on a CPU: 16 MiB in fp32 (fresh large buffers cost page faults)
+ACCELERATOR_CHUNK_ELEMENTS = 2**26  # on a GPU: 256 MiB in fp32, so that a chunk's kernels are not launch-bound
 
 
-def _row_chunks(num_rows: int, vocab_size: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // vocab_size)
+def _row_chunks(num_rows: int, vocab_size: int, device: torch.device) -> list[slice]:
+    step = max(1, (CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS) // vocab_size)
     return [slice(start, start + step) for start in range(0, num_rows, step)]
 
 
@@ -34,12 +35,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         valid = targets != IGNORE_INDEX
         scale = (valid / valid.sum().clamp(min=1))[:, None]  # d(mean loss) / d(row loss)
-        # 16-bit weights (bf16-true): each chunk's product is rounded once, the sum over chunks kept in float32
-        low_precision = weight.dtype in (torch.float16, torch.bfloat16)
+        # 16-bit compute (bf16-mixed, bf16-true): each chunk's products are rounded once, the weight gradient's
+        # sum over chunks is kept in float32
+        low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if low_precision else torch.empty_like(weight)
         compute_weight = weight.to(hidden.dtype)  # a bf16 copy under mixed precision, else weight itself
-        chunks = _row_chunks(hidden.shape[0], weight.shape[0])
+        chunks = _row_chunks(hidden.shape[0], weight.shape[0], hidden.device)
         # one buffer for every chunk's logits and one for its log-probs: fresh large allocations
         # cost page faults on every step on CPU
         rows = chunks[0].stop - chunks[0].start
@@ -56,9 +58,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = probs.mul_(scale[chunk]).to(hidden.dtype)
             torch.mm(grad_logits, compute_weight, out=grad_hidden[chunk])
             if low_precision:
-                grad_weight += grad_logits.t().to(weight.dtype) @ h.to(weight.dtype)
+                grad_weight += grad_logits.t() @ h
             else:
-                grad_weight.addmm_(grad_logits.t().to(weight.dtype), h.to(weight.dtype), beta=int(i > 0))
+                grad_weight.addmm_(grad_logits.t(), h, beta=int(i > 0))
         ctx.grads = grad_hidden, grad_weight.to(weight.dtype)
         return total / valid.sum().clamp(min=1)
 
@@ -75,12 +77,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, reduct
     """Cross-entropy of ``hidden [N, D] @ weight [V, D].T`` against ``targets [N]`` (-100 = ignore).
 
     ``reduction``: ``"mean"`` over non-ignored rows or ``"sum"``. With gradients enabled, the mean
-    is computed with its gradient in one pass; the sum is for evaluation only.
+    is computed with its gradient in one pass; the sum is for evaluation only. Under autocast the
+    projection runs in the autocast dtype, as an ``nn.Linear`` head would; the softmax is float32 always.
     """
+    if torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     if reduction == "mean" and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets)
     total = sum(_chunk_nll(hidden[rows], weight, targets[rows])[0].sum()
-                for rows in _row_chunks(hidden.shape[0], weight.shape[0]))
+                for rows in _row_chunks(hidden.shape[0], weight.shape[0], hidden.device))
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
