@@ -17,7 +17,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
-from llmzoo.data.sources import write_atomic
+from llmzoo.checkpoints import save_checkpoint
 from llmzoo.generation import room_after_prompts
 
 
@@ -147,7 +147,7 @@ class Checkpoint(ModelCheckpoint):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` writing local files atomically: into a temporary file beside the
-    checkpoint, flushed to disk, then renamed onto it (:func:`~llmzoo.data.sources.write_atomic`). A kill
+    checkpoint, flushed to disk, then renamed onto it (:func:`~llmzoo.files.write_atomic`). A kill
     during a save leaves the previous file as it was. (Lightning's own writer renames a temporary from the
     system's temp directory, which is a non-atomic copy when that is another file system.) Remote paths
     (``s3://...``) keep Lightning's writer."""
@@ -155,7 +155,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        write_atomic(Path(path), lambda file: torch.save(checkpoint, file))
+        save_checkpoint(checkpoint, path)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ from llmzoo.generation import GenerationConfig, TextStream, left_pad, room_after
 from llmzoo.hf import (DEFAULT_MAX_SHARD_SIZE, config_from_hf, convert_checkpoint_to_hf, convert_hf_to_checkpoint,
                        from_hf, load_checkpoint_model, load_hf_state_dict, load_hf_weights, read_hf_config)
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
-from llmzoo.models.base import (checkpoint_architecture, is_sharded_checkpoint, qualified_name, read_checkpoint,
-                                sharded_checkpoint_error)
+from llmzoo.checkpoints import is_sharded_checkpoint, qualified_name, read_checkpoint, sharded_checkpoint_error
+from llmzoo.models.base import checkpoint_architecture
 from llmzoo.strategies import consolidate_checkpoint
 
 LIST_OPTIONS = ("--prompt", "--stop")  # repeatable: each occurrence is one item
@@ -316,7 +316,7 @@ class LLMZooCLI(LightningCLI):
             return
         self.datamodule.check_model(self.model)  # here: a failing trainer.fit would have written logs
         if ckpt_path and is_checkpoint(ckpt_path):
-            trained = read_checkpoint(ckpt_path).get("hyper_parameters", {}).get("vocab_size")
+            trained = read_checkpoint(ckpt_path, weights=False).get("hyper_parameters", {}).get("vocab_size")
             if trained is not None and trained != self.datamodule.vocab_size:
                 raise ValueError(f"the tokenizer has {self.datamodule.vocab_size} tokens but the model of {ckpt_path} "
                                  f"has vocab_size={trained} (did the corpus or --data.tokenizer change?): use the "

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from llmzoo.models import ARCHITECTURES, GPT, GPT2, CausalLM, Llama, Mistral, Mixtral
-from llmzoo.models.base import ARCHITECTURE_KEY, is_sharded_checkpoint, qualified_name, sharded_checkpoint_error
+from llmzoo.checkpoints import ARCHITECTURE_KEY, qualified_name
+from llmzoo.models.build import empty_model, fill_model, load_checkpoint_model
 
 FAMILIES = {"openai-gpt": GPT, "gpt2": GPT2, "llama": Llama, "mistral": Mistral, "mixtral": Mixtral}
 HF_CLASS_NAMES = {"openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
@@ -585,43 +586,6 @@ def _save_tokenizer(tokenizer, tokens: dict[str, str], directory: Path, model_ma
 
 
 # ====================================================================== public API
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Create parameters on the meta device (no memory, no random init) while buffers computed at
-    construction (RoPE frequencies, metric states) stay real: the model is then filled with ``assign``."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def empty_model(cls: type[CausalLM], kwargs: dict) -> CausalLM:
-    """``cls(**kwargs)`` with its parameters on the meta device: no memory, no random init."""
-    with _parameters_on_meta():
-        return cls(**kwargs)
-
-
-def fill_model(model: CausalLM, state_dict: dict[str, Tensor]) -> CausalLM:
-    """Give an :func:`empty_model` the tensors of ``state_dict`` (llmzoo names; they are assigned, so the
-    model takes their dtype) and tie the head again. Every parameter must be given, nothing else."""
-    keys = model.load_state_dict(state_dict, strict=False, assign=True)
-    if model.hparams.tie_word_embeddings:
-        model.lm_head.weight = model.embed.weight
-    missing = [name for name, param in model.named_parameters() if param.is_meta]
-    if missing or keys.unexpected_keys:
-        raise ValueError(f"weights do not match {type(model).__name__}: missing {_listing(missing)}, "
-                         f"unexpected {_listing(sorted(keys.unexpected_keys))}")
-    return model
-
-
 def from_hf(source, dtype: torch.dtype | str | None = None, allow_pickle: bool = False) -> CausalLM:
     """An llmzoo model (in eval mode) from a Hugging Face directory or a transformers model object.
 
@@ -749,42 +713,6 @@ def convert_hf_to_checkpoint(hf_dir: str | os.PathLike, ckpt_path: str | os.Path
     finally:
         temporary.unlink(missing_ok=True)
     return ckpt_path
-
-
-def _resolve_class(name: str | type[CausalLM]) -> type[CausalLM]:
-    """A model class from itself, an architecture name (``"Llama"``) or the class path of an imported class."""
-    if isinstance(name, type) and issubclass(name, CausalLM):
-        return name
-    cls = ARCHITECTURES.get(name) or CausalLM.registry.get(name)  # never imports: a checkpoint cannot make us run code
-    if cls is None:
-        raise ValueError(f"unknown model class {name!r}: use one of {', '.join(ARCHITECTURES)} or import the module "
-                         f"that defines it first")
-    return cls
-
-
-def load_checkpoint_model(ckpt_path: str | os.PathLike, model_class: str | type[CausalLM] | None = None) -> CausalLM:
-    """The model of a Lightning checkpoint, its weights in the checkpoint's dtype (read with
-    ``weights_only=True``; nothing is initialised at random). The class is the one the checkpoint
-    records (see :func:`lightning_checkpoint`), else ``model_class``."""
-    ckpt_path = Path(ckpt_path)
-    if is_sharded_checkpoint(ckpt_path):
-        raise sharded_checkpoint_error(ckpt_path)
-    if ckpt_path.is_dir():
-        raise IsADirectoryError(f"{ckpt_path} is a directory, not a checkpoint file")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{ckpt_path} is not a Lightning checkpoint of an llmzoo model "
-                         f"(no state_dict / hyper_parameters)")
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k not in ("_class_path", "_instantiator")}
-    class_path = checkpoint.get(ARCHITECTURE_KEY) or checkpoint["hyper_parameters"].get("_class_path")
-    if class_path is None and model_class is None:
-        raise ValueError(f"{ckpt_path} does not name its architecture: pass model_class (--model), one of "
-                         f"{', '.join(ARCHITECTURES)}")
-    cls = _resolve_class(class_path or model_class)
-    if model_class is not None and not issubclass(cls, _resolve_class(model_class)):
-        raise ValueError(f"{ckpt_path} holds a {class_path}, not a {_resolve_class(model_class).__name__}: "
-                         f"drop model_class or fix it")
-    return fill_model(empty_model(cls, hparams), checkpoint["state_dict"])
 
 
 def convert_checkpoint_to_hf(ckpt_path: str | os.PathLike, hf_dir: str | os.PathLike, tokenizer=None,

@@ -11,8 +11,7 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from llmzoo.data.sources import write_atomic
-from llmzoo.models.base import is_sharded_checkpoint, read_checkpoint
+from llmzoo.checkpoints import is_sharded_checkpoint, read_checkpoint, save_checkpoint
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -54,7 +53,7 @@ def consolidate_checkpoint(directory: str | os.PathLike, to: str | os.PathLike, 
         raise ValueError(f"{directory} is not a sharded checkpoint (a directory of shards with a meta.pt)")
     if to.exists() and not overwrite:
         raise FileExistsError(f"{to} exists: pass --overwrite true or choose another --to")
-    checkpoint = read_checkpoint(directory)
+    checkpoint = read_checkpoint(directory, weights=False)
     stored = FileSystemReader(directory).read_metadata().state_dict_metadata
     weights = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in stored.items()
                if key.startswith("state_dict.") and isinstance(meta, TensorStorageMetadata)}
@@ -65,5 +64,5 @@ def consolidate_checkpoint(directory: str | os.PathLike, to: str | os.PathLike, 
     checkpoint.pop("loops", None)
     checkpoint.update(state_dict={key.removeprefix("state_dict."): tensor for key, tensor in weights.items()},
                       epoch=0, global_step=0, optimizer_states=[], lr_schedulers=[])
-    write_atomic(to, lambda file: torch.save(checkpoint, file))
+    save_checkpoint(checkpoint, to)
     return to

@@ -23,7 +23,8 @@ from tiny import tiny_model
 from llmzoo import ARCHITECTURES, CausalLM, Llama
 from llmzoo.cli import main
 from llmzoo.data import TextDataModule, load_tokenizer_for_checkpoint
-from llmzoo.models.base import checkpoint_architecture, read_checkpoint
+from llmzoo.checkpoints import read_checkpoint
+from llmzoo.models.base import checkpoint_architecture
 from llmzoo.strategies import consolidate_checkpoint
 
 SCRIPTS = Path(__file__).parent / "scripts"

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from llmzoo.data.datasets import PackedStream, Progress, ResumableLoader, TokenWindows, tokenize_pieces
-from llmzoo.data.sources import cache_dir, cache_key, one_at_a_time, read_pieces, resolve_files, write_atomic
+from llmzoo.data.sources import cache_dir, cache_key, one_at_a_time, read_pieces, resolve_files
+from llmzoo.files import write_atomic
 from llmzoo.data.tokenizer import Tokenizer, load_tokenizer_for_checkpoint
 
 TOKENIZER_KINDS = {"bpe": "byte-level BPE", "char": "character-level"}

@@ -16,12 +16,10 @@ import json
 import os
 import re
 import sysconfig
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
 CHUNK_CHARS = 1 << 20
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -162,20 +160,3 @@ def one_at_a_time(path: Path) -> Iterator[None]:
         except OSError:
             pass
         yield  # closing the file releases the lock
-
-
-def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
-    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` so that readers see the old
-    file or the whole new one, never a part, even if the process is killed or the machine fails midway:
-    a temporary file beside ``path`` (same file system, so the rename is atomic; created with the user's
-    umask) is written, flushed to disk and renamed onto it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as file:
-            data(file) if callable(data) else file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from llmzoo.checkpoints import is_sharded_checkpoint, read_checkpoint
+
 BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token")
@@ -135,7 +137,7 @@ class Tokenizer:
     def save(self, path: str | Path) -> Path:
         """Write a standard ``tokenizer.json`` atomically (``path`` may be a directory) and, when the special
         tokens are not llmzoo's, a ``tokenizer_config.json`` naming them beside it. Returns the file."""
-        from llmzoo.data.sources import write_atomic
+        from llmzoo.files import write_atomic
 
         path = Path(path)
         if path.is_dir():
@@ -174,12 +176,8 @@ def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist: pass the tokenizer.json or checkpoint the model was "
                                 f"trained with, or --data.tokenizer bpe (or char) to train one")
-    state = path / "meta.pt" if (path / "meta.pt").is_file() else path  # a sharded checkpoint keeps it in meta.pt
-    if state.is_file() and (state.suffix == ".ckpt" or state.name == "meta.pt"):
-        import torch
-
-        checkpoint = torch.load(state, map_location="cpu", weights_only=True, mmap=True)
-        for value in checkpoint.values():
+    if is_sharded_checkpoint(path) or (path.is_file() and path.suffix == ".ckpt"):
+        for value in read_checkpoint(path, weights=False).values():
             if isinstance(value, dict) and isinstance(value.get(CHECKPOINT_KEY), str):
                 return Tokenizer.from_state_dict(value)
     for candidate in (path, path / "tokenizer.json", path.parent / "tokenizer.json"):

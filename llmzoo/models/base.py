@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import re
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
+from llmzoo.checkpoints import ARCHITECTURE_KEY, qualified_name, read_checkpoint
 from llmzoo.layers import Block, CausalSelfAttention, LearnedPositions, MoE, RotaryEmbedding
 from llmzoo.layers.loss import IGNORE_INDEX, linear_cross_entropy
 from llmzoo.models.metrics import TokenNLL, TokenPerplexity
@@ -305,9 +303,8 @@ class CausalLM(L.LightningModule):
                              weights_only: bool | None = True, **kwargs):
         """Lightning's ``load_from_checkpoint``, reading with ``weights_only=True`` and refusing a checkpoint
         of another architecture. ``CausalLM.load_from_checkpoint(path)`` builds whichever one it holds."""
-        if is_sharded_checkpoint(checkpoint_path):
-            raise sharded_checkpoint_error(checkpoint_path)
-        stored = checkpoint_architecture(checkpoint_path)
+        readable = isinstance(checkpoint_path, (str, os.PathLike))  # else a file object: Lightning reads it as is
+        stored = checkpoint_architecture(read_checkpoint(checkpoint_path)) if readable else None  # refuses shards
         target = stored if cls is CausalLM else cls
         if stored is not None and stored is not target:
             raise ValueError(f"{checkpoint_path} holds a {stored.__name__} model, not a {cls.__name__}: load it with "
@@ -348,63 +345,17 @@ class CausalLM(L.LightningModule):
         return {"fp32": 4 * n, "bf16": 2 * n, "int8": n}
 
 
-ARCHITECTURE_KEY = "llmzoo_architecture"
-
-
-def qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-SHARDED_METADATA = "meta.pt"  # in a sharded checkpoint directory, Lightning's file of all but the sharded state
-
-
-def is_sharded_checkpoint(path) -> bool:
-    """Whether ``path`` is a sharded checkpoint: a directory of ``torch.distributed.checkpoint`` shards and
-    Lightning's ``meta.pt``, as :class:`~llmzoo.strategies.FSDP2Strategy` writes."""
-    return isinstance(path, (str, os.PathLike)) and (Path(path) / SHARDED_METADATA).is_file()
-
-
-def sharded_checkpoint_error(path) -> ValueError:
-    return ValueError(f"{path} is a sharded checkpoint (a directory of shards): resume it with fit and the run's "
-                      f"--config files (configs/trainer/fsdp.yaml among them); for anything else make one file of it, "
-                      f"llmzoo convert --ckpt_path {path} --to model.ckpt")
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint file's contents with its tensors memory-mapped (reading it costs only its metadata), read
-    with ``weights_only=True``; of a sharded checkpoint, all but the weights and optimizer states (its
-    ``meta.pt``). A missing file raises ``FileNotFoundError``; a truncated, corrupted or unsafe one a
-    ``ValueError`` that says so."""
-    path = Path(path)
-    if is_sharded_checkpoint(path):
-        path = path / SHARDED_METADATA
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (or use --ckpt_path last)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        named = re.search(r"GLOBAL (\S+)", str(error))  # what the pickle would have imported and called
-        raise ValueError(f"refusing to load {path}: it holds objects that are not plain tensors and containers "
-                         f"({named[1] if named else 'weights_only=True'}); only load checkpoints you trust") from None
-    except (RuntimeError, EOFError, OSError, ValueError):
-        raise ValueError(f"cannot read checkpoint {path}: the file is truncated, corrupted or not a PyTorch "
-                         f"checkpoint") from None
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}, not a checkpoint")
-    return checkpoint
-
-
-def checkpoint_architecture(checkpoint_path) -> type[CausalLM] | None:
-    """The llmzoo class a checkpoint file was saved from (None if it records none); see :func:`read_checkpoint`
-    for the errors."""
-    if not isinstance(checkpoint_path, (str, os.PathLike)):
-        return None  # a file object: Lightning reads it as is
-    path = Path(checkpoint_path)
-    name = read_checkpoint(path).get(ARCHITECTURE_KEY)
+def checkpoint_architecture(checkpoint: str | os.PathLike | dict) -> type[CausalLM] | None:
+    """The llmzoo class a checkpoint (a path, or the dict :func:`~llmzoo.checkpoints.read_checkpoint` returned)
+    was saved from; None if it records none (or for a file object, which Lightning reads as it is)."""
+    if not isinstance(checkpoint, (str, os.PathLike, dict)):
+        return None
+    name = (checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint, weights=False)).get(ARCHITECTURE_KEY)
     if name is None:
         return None
     if name not in CausalLM.registry:
-        raise ValueError(f"{path} holds a {name} model, a class not imported in this process: import it first")
+        raise ValueError(f"{checkpoint if not isinstance(checkpoint, dict) else 'the checkpoint'} holds a {name} "
+                         f"model, a class not imported in this process: import it first")
     return CausalLM.registry[name]
 
 
