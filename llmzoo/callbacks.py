@@ -67,8 +67,7 @@ class Throughput(L.Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        input_ids = batch["input_ids"] if isinstance(batch, dict) else batch
-        batch_size, length = input_ids.shape[0], input_ids.shape[1] - 1
+        batch_size, length = pl_module.split_batch(batch)[0].shape  # the model's inputs
         self.tokens += batch_size * length
         if hasattr(pl_module, "flops_per_token"):
             if length not in self.flops_per_token:

@@ -1,5 +1,6 @@
-"""FSDP2 over every process (the strategy of the preset ``configs/trainer/fsdp.yaml``) and its sharded
-checkpoints made into one file. See docs/distributed.md."""
+"""Distribution, kept out of the models: FSDP2 over every process (the strategy of the preset
+``configs/trainer/fsdp.yaml``), how a model is sharded under it, and its sharded checkpoints made into one file.
+See docs/distributed.md."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from llmzoo.checkpoints import is_sharded_checkpoint, read_checkpoint, save_checkpoint
+from llmzoo.checkpoints import is_sharded_checkpoint, qualified_name, read_checkpoint, save_checkpoint
+from llmzoo.models import CausalLM
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -37,6 +39,28 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+
+def shard_model(model: CausalLM, mesh) -> None:
+    """Shard ``model`` with FSDP2 over the data-parallel dimension of ``mesh`` (a ``ModelParallelStrategy``'s device
+    mesh; a tensor-parallel size above 1 is refused, llmzoo's models implement none): every decoder block, then
+    the rest. ``token_nll``, the way training and validation reach the weights, becomes an FSDP forward method.
+    ``fully_shard`` turns the model's class into a new subclass ``FSDP<Name>``: it is taken out of the class
+    registry, so checkpoints keep recording the architecture (``Llama``)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    names = mesh.mesh_dim_names or ()
+    tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+    if tensor_parallel > 1:
+        raise ValueError(f"llmzoo's models shard with FSDP2 over data-parallel ranks only, but this "
+                         f"ModelParallelStrategy has a tensor-parallel size of {tensor_parallel}: use "
+                         f"--trainer.strategy llmzoo.strategies.FSDP2Strategy (configs/trainer/fsdp.yaml)")
+    data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+    for block in model.blocks:
+        fully_shard(block, mesh=data_parallel)
+    fully_shard(model, mesh=data_parallel)
+    CausalLM.registry.pop(qualified_name(type(model)), None)  # FSDPLlama is not an architecture
+    register_fsdp_forward_method(model, "token_nll")
 
 
 def consolidate_checkpoint(directory: str | os.PathLike, to: str | os.PathLike, overwrite: bool = False) -> Path:

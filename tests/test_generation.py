@@ -330,10 +330,11 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
 def test_speculative_sampling_keeps_the_target_distribution():
     """Vocabulary of 4, three new tokens, two drafted per step: the 64 sequences must follow the target's
     exact distribution (computed by enumeration) under a chi-square test at the 0.1% level. The draft's
-    own distribution is far from it (total variation ~0.5) and the same test rejects samples from it,
+    own distribution is far from it (total variation > 0.4) and the same test rejects samples from it,
     so the test can fail."""
     vocab, new, temperature = 4, 3, 0.9
     target = sharpened(tiny_model("Llama", vocab_size=vocab, num_layers=1), 3.0)
+    torch.manual_seed(4)  # a draft drawn far from the target (random pairs of these models: total variation 0.3-0.4)
     draft = sharpened(tiny_model("Llama", vocab_size=vocab, num_layers=1), 3.0)
     prompt = torch.tensor([[1, 2, 3]])
     sequences = torch.tensor(list(itertools.product(range(vocab), repeat=new)))  # [64, 3]
@@ -461,8 +462,8 @@ def test_unpadded_decode_steps_build_no_attention_mask(monkeypatch):
     import llmzoo.layers.attention as attention
 
     built = []
-    original = attention.attention_mask
-    monkeypatch.setattr(attention, "attention_mask", lambda *a, **k: built.append(1) or original(*a, **k))
+    original = attention.slot_mask
+    monkeypatch.setattr(attention, "slot_mask", lambda *a, **k: built.append(1) or original(*a, **k))
     generate(tiny_model("Llama"), torch.randint(0, 97, (2, 6)), max_new_tokens=20)
     assert built == []
     generate(tiny_model("Mistral"), torch.randint(0, 97, (2, 6)), max_new_tokens=20)  # window 8, 2 layers

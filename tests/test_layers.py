@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llmzoo.layers import (MLP, CausalSelfAttention, KVCache, MoE, RMSNorm, RotaryEmbedding, SinusoidalPositions,
-                           SwiGLU, apply_rope, attention_mask, load_balancing_loss, rope_inverse_frequencies)
+                           SwiGLU, apply_rope, load_balancing_loss, rope_inverse_frequencies, slot_mask)
 
 
 def test_sinusoidal_formula():
@@ -68,16 +68,16 @@ def test_rope_scaling_variants():
         rope_inverse_frequencies(16, 10000.0, {"rope_type": "yarn", "factor": 2.0})
 
 
-def test_attention_mask_rules():
+def test_slot_mask_rules():
     slots = torch.arange(5)
-    causal = attention_mask(slots, slots)[0, 0]
+    causal = slot_mask(slots, slots)[0, 0]
     assert torch.equal(causal, torch.ones(5, 5, dtype=torch.bool).tril())
-    window = attention_mask(slots, slots, window=2)[0, 0]
+    window = slot_mask(slots, slots, window=2)[0, 0]
     assert torch.equal(window, torch.ones(5, 5, dtype=torch.bool).tril() & ~torch.ones(5, 5, dtype=torch.bool).tril(-2))
-    padded = attention_mask(slots, slots, padding_mask=torch.tensor([[0, 0, 1, 1, 1]]))[0, 0]
+    padded = slot_mask(slots, slots, attention_mask=torch.tensor([[0, 0, 1, 1, 1]]))[0, 0]
     assert padded[4].tolist() == [False, False, True, True, True]
     assert padded[0].tolist() == [True, False, False, False, False]  # a pad query sees itself only
-    empty = attention_mask(torch.tensor([3]), torch.tensor([2, -1, 3]))[0, 0]
+    empty = slot_mask(torch.tensor([3]), torch.tensor([2, -1, 3]))[0, 0]
     assert empty.tolist() == [[True, False, True]]
 
 

@@ -1,6 +1,6 @@
 """Shared building blocks: plain ``nn.Module``s that know nothing of models, data or Lightning."""
 
-from llmzoo.layers.attention import CausalSelfAttention, KVCache, attention_mask
+from llmzoo.layers.attention import CausalSelfAttention, KVCache, slot_mask
 from llmzoo.layers.block import Block
 from llmzoo.layers.mlp import MLP, MoE, SwiGLU, load_balancing_loss
 from llmzoo.layers.norms import RMSNorm
@@ -9,6 +9,6 @@ from llmzoo.layers.positions import (LearnedPositions, RotaryEmbedding, Sinusoid
 
 __all__ = [
     "Block", "CausalSelfAttention", "KVCache", "LearnedPositions", "MLP", "MoE", "RMSNorm",
-    "RotaryEmbedding", "SinusoidalPositions", "SwiGLU", "apply_rope", "attention_mask",
-    "load_balancing_loss", "rope_inverse_frequencies",
+    "RotaryEmbedding", "SinusoidalPositions", "SwiGLU", "apply_rope", "load_balancing_loss",
+    "rope_inverse_frequencies", "slot_mask",
 ]

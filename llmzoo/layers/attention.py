@@ -1,8 +1,9 @@
 """Causal self-attention (MHA / GQA / MQA, optional sliding window) with a preallocated KV cache.
 
 Positions in a sequence are called *slots*: slot ``s`` is the ``s``-th token fed to the model
-(padding included). Causality and the sliding window are rules on slots; a padding mask over
-slots removes padded keys. RoPE positions are the model's business and arrive as ``rope``.
+(padding included). Causality and the sliding window are rules on slots; an ``attention_mask [B, S]`` over
+slots (1 = token, 0 = padding, as everywhere in llmzoo) removes padded keys. RoPE positions are the model's
+business and arrive as ``rope``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmzoo.layers.init import init_linear
 from llmzoo.layers.positions import apply_rope
 
 
@@ -97,21 +99,21 @@ class KVCache(nn.Module):
         self.v[:, :, :held] = self.v[rows, :, :held]
 
 
-def attention_mask(query_slots: Tensor, key_slots: Tensor, window: int | None = None,
-                   padding_mask: Tensor | None = None) -> Tensor:
-    """Boolean mask ``[B or 1, 1, T, S]`` (True = attend) for queries at ``query_slots [T]``.
+def slot_mask(query_slots: Tensor, key_slots: Tensor, window: int | None = None,
+              attention_mask: Tensor | None = None) -> Tensor:
+    """SDPA's boolean mask ``[B or 1, 1, T, S]`` (True = attend) for queries at ``query_slots [T]``.
 
     A query sees keys at slots ``q - window < k <= q``; ``key_slots`` of -1 are empty cache entries;
-    ``padding_mask [B, >= max slot + 1]`` (1 = real token) removes padded keys. A padded query still
+    ``attention_mask [B, >= max slot + 1]`` (1 = real token) removes padded keys. A padded query still
     sees itself so that no row of the softmax is empty (its output is never used).
     """
     q, k = query_slots[:, None], key_slots[None, :]
     allowed = (k >= 0) & (k <= q)
     if window is not None:
         allowed &= k > q - window
-    if padding_mask is None:
+    if attention_mask is None:
         return allowed[None, None]
-    real_keys = padding_mask.bool()[:, key_slots.clamp(min=0)]  # [B, S]
+    real_keys = attention_mask.bool()[:, key_slots.clamp(min=0)]  # [B, S]
     return ((allowed[None] & real_keys[:, None, :]) | (k == q)[None])[:, None]
 
 
@@ -120,12 +122,15 @@ class CausalSelfAttention(nn.Module):
 
     Each kv head serves a contiguous group of ``num_heads // num_kv_heads`` query heads. q, k and v
     come from one fused projection ``qkv``; ``out`` projects the heads back to ``embed_dim``.
+    ``bias`` adds biases to both, ``qkv_bias`` (default: ``bias``) to ``qkv`` alone (Qwen2).
     ``sliding_window`` (Mistral) limits each query to the last ``sliding_window`` slots, itself included.
+    ``q_norm`` / ``k_norm`` (Qwen3): modules normalising each query / key head ``[..., head_dim]`` before RoPE.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, num_kv_heads: int | None = None,
                  head_dim: int | None = None, bias: bool = False, dropout: float = 0.0,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, qkv_bias: bool | None = None,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         if head_dim is None and embed_dim % num_heads:
@@ -138,9 +143,16 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = head_dim or embed_dim // num_heads
         self.dropout = dropout
         self.sliding_window = sliding_window
-        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        self.qkv = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim,
+                             bias=bias if qkv_bias is None else qkv_bias)
         self.out = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias)
+        self.q_norm, self.k_norm = q_norm, k_norm
         self.kv_cache: KVCache | None = None
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Normal(0, std) ``qkv``, Normal(0, residual_std) ``out`` (it writes into the residual stream), zero biases."""
+        init_linear(self.qkv, std)
+        init_linear(self.out, residual_std)
 
     def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None, max_rollback: int = 0) -> None:
@@ -149,33 +161,36 @@ class CausalSelfAttention(nn.Module):
                                 max_rollback=max_rollback)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                padding_mask: Tensor | None = None) -> Tensor:
-        """``x [B, T, D]``; ``rope`` = (cos, sin) ``[B or 1, T, head_dim]``; ``padding_mask [B, S]``
+                attention_mask: Tensor | None = None) -> Tensor:
+        """``x [B, T, D]``; ``rope`` = (cos, sin) ``[B or 1, T, head_dim]``; ``attention_mask [B, S]``
         over all slots so far (cache included). Returns ``[B, T, D]``."""
         B, T, _ = x.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)
         qk, v = qkv.split([H + Hkv, Hkv], dim=1)
+        if self.q_norm is not None:
+            q, k = qk.split([H, Hkv], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # queries and keys rotated in one pass
         q, k = qk.split([H, Hkv], dim=1)
 
         window, mask, causal = self.sliding_window, None, False
         if self.kv_cache is None:
-            if padding_mask is None and (window is None or T <= window):
+            if attention_mask is None and (window is None or T <= window):
                 causal = True  # SDPA's fused causal path
             else:
                 slots = torch.arange(T, device=x.device)
-                mask = attention_mask(slots, slots, window, padding_mask)
+                mask = slot_mask(slots, slots, window, attention_mask)
         else:
             cache, start = self.kv_cache, self.kv_cache.length
             k, v, key_slots = cache.update(k, v)
-            if start == 0 and padding_mask is None and k.shape[2] == T and (window is None or T <= window):
+            if start == 0 and attention_mask is None and k.shape[2] == T and (window is None or T <= window):
                 causal = True
             else:
-                if not (T == 1 and padding_mask is None and cache.newest_sees_all):
+                if not (T == 1 and attention_mask is None and cache.newest_sees_all):
                     query_slots = torch.arange(start, start + T, device=x.device)
-                    mask = attention_mask(query_slots, key_slots, window, padding_mask)
+                    mask = slot_mask(query_slots, key_slots, window, attention_mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=Hkv != H)

@@ -26,12 +26,12 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         if self.prenorm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), rope, padding_mask))
+            x = x + self.dropout(self.attention(self.attention_norm(x), rope, attention_mask))
             out, aux_loss = self._mlp(self.mlp_norm(x))
             return x + self.dropout(out), aux_loss
-        x = self.attention_norm(x + self.dropout(self.attention(x, rope, padding_mask)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, rope, attention_mask)))
         out, aux_loss = self._mlp(x)
         return self.mlp_norm(x + self.dropout(out)), aux_loss
 

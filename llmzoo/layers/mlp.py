@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmzoo.layers.init import init_linear
+
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact, erf-based
     "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-1/GPT-2's "gelu_new"
@@ -27,6 +29,11 @@ class MLP(nn.Module):
         self.up = nn.Linear(embed_dim, ffn_dim, bias=bias)
         self.down = nn.Linear(ffn_dim, embed_dim, bias=bias)
 
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Normal(0, std) ``up``, Normal(0, residual_std) ``down`` (it writes into the residual stream), zero biases."""
+        init_linear(self.up, std)
+        init_linear(self.down, residual_std)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.down(ACTIVATIONS[self.activation](self.up(x)))
 
@@ -38,6 +45,11 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(embed_dim, 2 * ffn_dim, bias=bias)
         self.down = nn.Linear(ffn_dim, embed_dim, bias=bias)
+
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Normal(0, std) ``gate_up``, Normal(0, residual_std) ``down`` (it writes into the residual stream)."""
+        init_linear(self.gate_up, std)
+        init_linear(self.down, residual_std)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -74,11 +86,15 @@ class MoE(nn.Module):
         self.router = nn.Linear(embed_dim, num_experts, bias=False)
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, embed_dim))
         self.down = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
-        self.reset_parameters()
+        self.init_weights(std=0.02, residual_std=0.02)
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate_up, std=0.02)
-        nn.init.normal_(self.down, std=0.02)
+    @torch.no_grad()
+    def init_weights(self, std: float, residual_std: float) -> None:
+        """Normal(0, std) router and ``gate_up``, Normal(0, residual_std) ``down`` (it writes into the residual
+        stream)."""
+        init_linear(self.router, std)
+        nn.init.normal_(self.gate_up, std=std)
+        nn.init.normal_(self.down, std=residual_std)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         shape, k = x.shape, self.experts_per_token

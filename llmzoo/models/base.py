@@ -42,6 +42,8 @@ class CausalLM(L.LightningModule):
         lr_decay_steps: step at which the cosine decay reaches ``min_learning_rate``; defaults to the
             trainer's ``max_steps`` (constant after warmup when neither is set).
         min_learning_rate: end of the cosine decay; defaults to ``learning_rate / 10``.
+        aux_loss_coef: weight of the load-balancing loss of mixture-of-experts layers added to the training
+            loss (no effect on dense models).
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             storing them (less memory, about a third more compute).
         compile: compile each block with ``torch.compile`` when training starts (``configure_model``).
@@ -53,15 +55,14 @@ class CausalLM(L.LightningModule):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if not cls.__module__.startswith("torch."):  # FSDP2's fully_shard makes the model an FSDP<Name> subclass
-            CausalLM.registry[qualified_name(cls)] = cls
+        CausalLM.registry[qualified_name(cls)] = cls
 
     def __init__(self, vocab_size: int, embed_dim: int, num_heads: int, num_layers: int,
                  max_position_embeddings: int, dropout: float = 0.0, tie_word_embeddings: bool = False, *,
                  learning_rate: float = 3e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, lr_decay_steps: int | None = None,
-                 min_learning_rate: float | None = None, activation_checkpointing: bool = False,
-                 compile: bool = False):
+                 min_learning_rate: float | None = None, aux_loss_coef: float = 0.01,
+                 activation_checkpointing: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()  # also records the subclasses' arguments: Llama.load_from_checkpoint(p) works
         self.embed = nn.Embedding(vocab_size, embed_dim)
@@ -100,18 +101,21 @@ class CausalLM(L.LightningModule):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
-        """Normal(0, std) weights, zero biases; residual output projections scaled by 1/sqrt(2 * layers)."""
+        """Every layer that has an ``init_weights(std, residual_std)`` initialises itself (the shared layers scale
+        the projections writing into the residual stream by ``residual_std = std / sqrt(2 * layers)``, GPT-2's
+        rule); any other ``nn.Linear`` or ``nn.Embedding`` gets Normal(0, std) weights and zero biases."""
+        residual_std = std / math.sqrt(2 * len(self.blocks))
+        done: set[nn.Module] = set()
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if module is self or module in done:
+                continue
+            if callable(getattr(module, "init_weights", None)):
+                module.init_weights(std, residual_std)
+                done.update(module.modules())
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, MoE):
-                module.reset_parameters()
-        residual_std = std / math.sqrt(2 * len(self.blocks))
-        for name, param in self.blocks.named_parameters():
-            if name.endswith(("attention.out.weight", "mlp.down.weight", "mlp.down")):
-                nn.init.normal_(param, std=residual_std)
 
     # ----------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -199,31 +203,18 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
-        """Called by Lightning before training. Under ``ModelParallelStrategy`` (FSDP2; see
-        :class:`~llmzoo.strategies.FSDP2Strategy`) shard every block and then the rest of the model over the
-        data-parallel mesh (a tensor-parallel size above 1 is refused); with ``compile`` compile each block in
-        place (state-dict names stay). Idempotent."""
+        """Called by Lightning before training: with ``compile``, compile each block in place (state-dict names
+        stay); under a ``ModelParallelStrategy`` (FSDP2) shard the model with
+        :func:`llmzoo.strategies.shard_model`. Idempotent."""
         if getattr(self, "_configured", False):
             return
         if self.hparams.compile:
             for block in self.blocks:
                 block.compile()
-        mesh = self.device_mesh
-        if mesh is not None:
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        if self.device_mesh is not None:
+            from llmzoo.strategies import shard_model
 
-            names = mesh.mesh_dim_names or ()
-            tensor_parallel = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
-            if tensor_parallel > 1:
-                raise ValueError(f"llmzoo's models shard with FSDP2 over data-parallel ranks only, but this "
-                                 f"ModelParallelStrategy has a tensor-parallel size of {tensor_parallel}: use "
-                                 f"--trainer.strategy llmzoo.strategies.FSDP2Strategy (configs/trainer/fsdp.yaml)")
-            data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
-            for block in self.blocks:
-                fully_shard(block, mesh=data_parallel)
-            fully_shard(self, mesh=data_parallel)
-            # training and validation reach the weights through token_nll, not forward
-            register_fsdp_forward_method(self, "token_nll")
+            shard_model(self, self.device_mesh)
         self._configured = True
 
     @staticmethod
@@ -294,9 +285,13 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        architecture = next((cls for cls in type(self).__mro__ if CausalLM.registry.get(qualified_name(cls)) is cls),
-                            type(self))
-        checkpoint[ARCHITECTURE_KEY] = qualified_name(architecture)  # Llama, not the FSDPLlama of fully_shard
+        checkpoint[ARCHITECTURE_KEY] = qualified_name(self.architecture)
+
+    @property
+    def architecture(self) -> type[CausalLM]:
+        """The model's class: the nearest registered one (a distribution wrapper such as FSDP2's ``FSDPLlama``
+        unregisters the subclass it makes, see :func:`llmzoo.strategies.shard_model`)."""
+        return next(cls for cls in type(self).__mro__ if CausalLM.registry.get(qualified_name(cls)) is cls)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,

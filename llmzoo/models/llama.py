@@ -33,14 +33,20 @@ class Llama(CausalLM):
     def ffn_dim(self) -> int:
         return self.hparams.ffn_dim or llama_ffn_dim(self.hparams.embed_dim)
 
+    @property
+    def head_dim(self) -> int:
+        return self.hparams.head_dim or self.hparams.embed_dim // self.hparams.num_heads
+
     def make_rope(self) -> RotaryEmbedding:
         hp = self.hparams
-        return RotaryEmbedding(hp.head_dim or hp.embed_dim // hp.num_heads, hp.rope_theta, hp.rope_scaling)
+        return RotaryEmbedding(self.head_dim, hp.rope_theta, hp.rope_scaling)
 
-    def make_attention(self, layer: int) -> CausalSelfAttention:
+    def make_attention(self, layer: int, **options) -> CausalSelfAttention:
+        """Grouped-query attention; ``options``: more :class:`~llmzoo.layers.CausalSelfAttention` arguments
+        (a subclass's diff: Mistral's ``sliding_window``, Qwen2's ``qkv_bias``, Qwen3's ``q_norm``/``k_norm``)."""
         hp = self.hparams
         return CausalSelfAttention(hp.embed_dim, hp.num_heads, hp.num_kv_heads, hp.head_dim, bias=hp.bias,
-                                   dropout=hp.dropout)
+                                   dropout=hp.dropout, **options)
 
     def make_mlp(self, layer: int) -> nn.Module:
         return SwiGLU(self.hparams.embed_dim, self.ffn_dim, bias=self.hparams.bias)

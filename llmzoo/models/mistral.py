@@ -15,7 +15,5 @@ class Mistral(Llama):
         """``sliding_window``: keys visible to each query (None: full causal attention); ``kwargs``: as Llama."""
         super().__init__(**kwargs)
 
-    def make_attention(self, layer: int) -> CausalSelfAttention:
-        attention = super().make_attention(layer)
-        attention.sliding_window = self.hparams.sliding_window
-        return attention
+    def make_attention(self, layer: int, **options) -> CausalSelfAttention:
+        return super().make_attention(layer, sliding_window=self.hparams.sliding_window, **options)

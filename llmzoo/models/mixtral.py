@@ -10,11 +10,11 @@ from llmzoo.models.mistral import Mistral
 
 class Mixtral(Mistral):
     """Mistral whose feed-forward is a sparse mixture of SwiGLU experts: a router sends each token to
-    ``experts_per_token`` of ``num_experts`` experts. Training adds ``aux_loss_coef`` times the
-    load-balancing loss (mean over layers). Hugging Face twin: ``MixtralForCausalLM``."""
+    ``experts_per_token`` of ``num_experts`` experts. Training adds ``aux_loss_coef`` (an argument of
+    ``CausalLM``) times the load-balancing loss (mean over layers). Hugging Face twin: ``MixtralForCausalLM``."""
 
-    def __init__(self, num_experts: int = 8, experts_per_token: int = 2, aux_loss_coef: float = 0.01,
-                 sliding_window: int | None = None, rope_theta: float = 1e6, **kwargs):
+    def __init__(self, num_experts: int = 8, experts_per_token: int = 2, sliding_window: int | None = None,
+                 rope_theta: float = 1e6, **kwargs):
         """``kwargs``: as Mistral / Llama."""
         super().__init__(sliding_window=sliding_window, rope_theta=rope_theta, **kwargs)
 
