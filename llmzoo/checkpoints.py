@@ -55,7 +55,7 @@ def read_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check the path (or use --ckpt_path last)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=not _legacy_format(path))
     except pickle.UnpicklingError as error:
         named = re.search(r"GLOBAL (\S+)", str(error))  # what the pickle would have imported and called
         raise ValueError(f"refusing to load {path}: it holds objects that are not plain tensors and containers "
@@ -66,6 +66,13 @@ def read_checkpoint(path: str | os.PathLike, weights: bool = True) -> dict:
     if not isinstance(checkpoint, dict):
         raise ValueError(f"cannot read checkpoint {path}: it holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
+
+
+def _legacy_format(path: Path) -> bool:
+    """Whether ``path`` is in torch's pre-1.6 format (a bare pickle stream, as in old ``pytorch_model.bin`` files),
+    which cannot be memory-mapped; torch's zip format can."""
+    with open(path, "rb") as file:
+        return file.read(1) == b"\x80"
 
 
 def checkpoint_class_path(checkpoint: dict) -> str | None:

@@ -5,7 +5,7 @@ Import only after ``pytest.importorskip("transformers")``."""
 import torch
 import transformers
 
-from llmzoo import GPT, GPT2, Llama, Mistral, Mixtral
+from llmzoo import GPT, GPT2, Llama, Mistral, Mixtral, Qwen2, Qwen3
 
 VOCAB = 101
 GPT_SIZES = dict(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
@@ -30,6 +30,13 @@ CASES = {
     "mixtral-top2-of-4": (transformers.MixtralConfig, dict(LLAMA_SIZES, num_local_experts=4, num_experts_per_tok=2), Mixtral),
     "mixtral-window": (transformers.MixtralConfig, dict(LLAMA_SIZES, num_local_experts=4, num_experts_per_tok=2,
                                                         sliding_window=6), Mixtral),
+    "qwen2": (transformers.Qwen2Config, dict(LLAMA_SIZES, tie_word_embeddings=True,
+                                             rope_parameters=dict(rope_type="default", rope_theta=1e6)), Qwen2),
+    "qwen2-untied": (transformers.Qwen2Config, LLAMA_SIZES, Qwen2),
+    "qwen3": (transformers.Qwen3Config, dict(LLAMA_SIZES, head_dim=16, rope_parameters=dict(
+        rope_type="default", rope_theta=1e6)), Qwen3),
+    "qwen3-tied-mqa": (transformers.Qwen3Config, dict(LLAMA_SIZES, num_key_value_heads=1, head_dim=8,
+                                                      tie_word_embeddings=True), Qwen3),
 }
 
 

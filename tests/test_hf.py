@@ -36,6 +36,11 @@ EXPORTED = {  # llmzoo models (tiny, random) exported to transformers: every fam
         rope_type="llama3", factor=8, low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=16))),
     "Mistral": ("Mistral", dict(sliding_window=5)),
     "Mixtral": ("Mixtral", {}),
+    "Qwen2": ("Qwen2", {}),
+    "Qwen2-untied-mha": ("Qwen2", dict(tie_word_embeddings=False, num_kv_heads=None)),
+    "Qwen3": ("Qwen3", {}),
+    "Qwen3-tied-mqa-linear-rope": ("Qwen3", dict(tie_word_embeddings=True, num_kv_heads=1, rope_scaling=dict(
+        rope_type="linear", factor=4.0))),
 }
 
 
@@ -221,7 +226,7 @@ def test_special_tokens_from_arguments(bpe, tmp_path):
         to_hf(tiny_model("Llama", vocab_size=50), tmp_path / "y", bpe)
 
 
-@pytest.mark.parametrize("case", ["GPT", "GPT2", "Llama", "Mixtral"])
+@pytest.mark.parametrize("case", ["GPT", "GPT2", "Llama", "Mixtral", "Qwen2", "Qwen3"])
 def test_pipeline_greedy_text_equals_llmzoo_generate(case, bpe, tmp_path):
     model = zoo_model(case)
     to_hf(model, tmp_path, ZooTokenizer(bpe))
@@ -346,6 +351,8 @@ def test_pickled_weights_need_the_flag(tmp_path, ids):
     with pytest.raises(ValueError, match=r"pickled weights \(pytorch_model.bin\).*allow_pickle=True"):
         from_hf(tmp_path)
     assert max_diff(from_hf(tmp_path, allow_pickle=True), reference, ids) <= ATOL
+    torch.save(reference.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert max_diff(from_hf(tmp_path, allow_pickle=True), reference, ids) <= ATOL  # torch's pre-1.6 format too
 
 
 def test_model_type_alone_picks_the_class_and_remote_code_is_never_run(tmp_path):
@@ -355,7 +362,7 @@ def test_model_type_alone_picks_the_class_and_remote_code_is_never_run(tmp_path)
     assert type(from_hf(tmp_path)) is Llama
     edit_config(tmp_path, model_type="evil")
     with pytest.raises(ValueError, match="model_type 'evil' is not supported: llmzoo imports openai-gpt, gpt2, "
-                                         "llama, mistral, mixtral"):
+                                         "llama, mistral, mixtral, qwen2, qwen3"):
         from_hf(tmp_path)
 
 
@@ -381,6 +388,12 @@ def test_legacy_rope_keys(tmp_path, ids):
     ("gpt2", dict(scale_attn_weights=False), "scale_attn_weights=False is not supported"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx=True"),
     ("gpt", dict(afn="relu"), "afn 'relu' is not supported"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None),
+     r"qwen2 with sliding_attention layers \[1\] \(use_sliding_window / layer_types\) is not supported"),
+    ("qwen3", dict(layer_types=["full_attention", "sliding_attention"]), "qwen3 with sliding_attention layers"),
+    ("qwen3", dict(attention_bias=True), "qwen3 with attention_bias=True is not supported"),
+    ("qwen2", dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported"),
+    ("qwen3", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}), "rope_type 'yarn'"),
 ])
 def test_configs_llmzoo_cannot_represent_are_refused(case, changes, message, tmp_path):
     saved(case, tmp_path)
@@ -436,6 +449,12 @@ def test_export_refusals(tmp_path):
         to_hf(tiny_model("GPT", ffn_dim=48), tmp_path / "g")
     with pytest.raises(ValueError, match="Mistral with bias=True cannot be exported"):
         to_hf(tiny_model("Mistral", bias=True), tmp_path / "m")
+    with pytest.raises(ValueError, match="Qwen2 with bias=True cannot be exported: transformers' qwen2 has biases on q"):
+        to_hf(tiny_model("Qwen2", bias=True), tmp_path / "q")
+    with pytest.raises(ValueError, match="Qwen2 with qkv_bias=False cannot be exported"):
+        to_hf(tiny_model("Qwen2", qkv_bias=False), tmp_path / "q")
+    with pytest.raises(ValueError, match="Qwen3 with bias=True cannot be exported"):
+        to_hf(tiny_model("Qwen3", bias=True), tmp_path / "q")
     with pytest.raises(ValueError, match="special tokens were given without a tokenizer"):
         to_hf(tiny_model("Llama"), tmp_path / "l", eos_token="</s>")
     assert not any(tmp_path.iterdir())  # nothing was written

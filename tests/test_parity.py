@@ -27,7 +27,7 @@ def test_logits_match_hugging_face(case):
     assert diff <= ATOL, f"{case}: max |logit diff| = {diff:.2e}"
 
 
-@pytest.mark.parametrize("case", ["gpt2", "llama-gqa", "mistral-window", "mixtral-top2-of-4"])
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa", "mistral-window", "mixtral-top2-of-4", "qwen2", "qwen3"])
 def test_left_padded_batch_matches_hugging_face(case):
     """An attention mask with left padding: positions count real tokens only, as in HF generate."""
     reference = hf_model(case)
@@ -60,7 +60,8 @@ def test_mixtral_per_expert_layout_loads():
 
 
 def test_export_names_round_trip_for_every_family():
-    for case in ("gpt", "gpt2", "gpt2-untied", "llama-gqa", "mistral-window"):
+    for case in ("gpt", "gpt2", "gpt2-untied", "llama-gqa", "mistral-window", "qwen2", "qwen2-untied", "qwen3",
+                 "qwen3-tied-mqa"):
         reference = hf_model(case)
         exported = hf_state_dict(from_hf(reference))
         expected = {k: v for k, v in reference.state_dict().items()

@@ -375,11 +375,12 @@ def test_the_datamodule_refuses_a_model_that_cannot_read_it(tmp_path, corpus):
 
 # ----------------------------------------------------------------------------- safe loading
 def test_every_torch_load_in_llmzoo_is_weights_only():
-    """Checkpoints and state dicts are read with ``weights_only=True`` (the crafted-pickle refusals are in
-    test_every_bad_input_... above, tests/test_models.py and tests/test_hf.py)."""
+    """Checkpoints and state dicts are read in one place, ``llmzoo.checkpoints.read_checkpoint``, with
+    ``weights_only=True`` (the crafted-pickle refusals are in test_every_bad_input_... above,
+    tests/test_models.py and tests/test_hf.py)."""
     calls = [(path.name, line.strip()) for path in (ROOT / "llmzoo").rglob("*.py")
              for line in path.read_text().splitlines() if "torch.load(" in line]
-    assert len(calls) >= 4
+    assert [name for name, _ in calls] == ["checkpoints.py"], calls
     assert all("weights_only=True" in line for _, line in calls), calls
 
 

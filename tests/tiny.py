@@ -9,6 +9,8 @@ TINY_CONFIGS = {
     "Llama": dict(TINY, num_kv_heads=2, ffn_dim=48),
     "Mistral": dict(TINY, num_kv_heads=2, ffn_dim=48, sliding_window=8),
     "Mixtral": dict(TINY, num_kv_heads=2, ffn_dim=48, num_experts=4, experts_per_token=2, sliding_window=8),
+    "Qwen2": dict(TINY, num_kv_heads=2, ffn_dim=48, tie_word_embeddings=True),
+    "Qwen3": dict(TINY, num_kv_heads=2, ffn_dim=48, head_dim=16),
 }
 
 
