@@ -165,19 +165,21 @@ def special_tokens_beside(path: Path) -> dict[str, str | None]:
     return {role: name["content"] if isinstance(name, dict) else name for role, name in names.items()}
 
 
-def load_tokenizer_for_checkpoint(path: str | Path) -> Tokenizer:
+def load_tokenizer_for_checkpoint(path: str | Path, checkpoint: dict | None = None) -> Tokenizer:
     """The tokenizer a checkpoint was trained with.
 
     ``path`` is a Lightning ``.ckpt`` written by ``llmzoo fit`` (the datamodule keeps the tokenizer's
     :meth:`~Tokenizer.state_dict` in the checkpoint; a sharded one in its ``meta.pt``) or by ``llmzoo convert
     --from_hf``, or any file or directory with a ``tokenizer.json`` beside or inside it (a Hugging Face
-    model directory, a checkpoint directory of a run)."""
+    model directory, a checkpoint directory of a run). ``checkpoint``: the contents of the checkpoint at
+    ``path`` when they are already read (:func:`~llmzoo.checkpoints.read_checkpoint`), so that it is not read
+    again."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist: pass the tokenizer.json or checkpoint the model was "
                                 f"trained with, or --data.tokenizer bpe (or char) to train one")
-    if is_sharded_checkpoint(path) or (path.is_file() and path.suffix == ".ckpt"):
-        for value in read_checkpoint(path, weights=False).values():
+    if checkpoint is not None or is_sharded_checkpoint(path) or (path.is_file() and path.suffix == ".ckpt"):
+        for value in (checkpoint if checkpoint is not None else read_checkpoint(path, weights=False)).values():
             if isinstance(value, dict) and isinstance(value.get(CHECKPOINT_KEY), str):
                 return Tokenizer.from_state_dict(value)
     for candidate in (path, path / "tokenizer.json", path.parent / "tokenizer.json"):
