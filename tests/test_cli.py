@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 ARCHS = {name: name.lower() for name in sorted(TINY_CONFIGS)}  # class -> its tiny CPU preset
 PAPER = {"gpt-117m": 116_534_784, "gpt2-124m": 124_439_808, "llama-7b": 6_738_415_616,
-         "mistral-7b": 7_241_732_096, "mixtral-8x7b": 46_702_792_704}
+         "mistral-7b": 7_241_732_096, "mixtral-8x7b": 46_702_792_704, "qwen2.5-0.5b": 494_032_768,
+         "qwen3-0.6b": 596_049_920}
 SHRINK = ["--model.embed_dim", "32", "--model.num_layers", "2", "--data.seq_len", "32", "--data.batch_size", "4",
           "--data.bpe_vocab_size", "300", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
           "--trainer.log_every_n_steps", "1", "--trainer.enable_model_summary", "false"]

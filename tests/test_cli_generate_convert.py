@@ -292,3 +292,28 @@ def test_trained_model_exported_to_hugging_face_generates_the_same_greedy_text(s
                    "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", tmp_path / "tuned", *validate[2:])
     assert tuned.code == 0, tuned.err[-3000:]
     assert torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Qwen3"])
+def test_exported_new_family_converts_back_and_fine_tunes(family, capsys, tmp_path, monkeypatch):
+    """A Qwen model exported as a Hugging Face directory, read back with ``llmzoo convert --from_hf`` and
+    trained on with ``llmzoo fit``: the architecture, its settings and the tokenizer come from the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    tokenizer = Tokenizer.train_bpe([TEXT] * 10, vocab_size=300)
+    model = tiny_model(family, vocab_size=tokenizer.vocab_size)
+    to_hf(model, tmp_path / "hf", tokenizer)
+    assert llmzoo(capsys, "convert", "--from_hf", tmp_path / "hf", "--to", tmp_path / "model.ckpt").code == 0
+    assert type(load_checkpoint_model(tmp_path / "model.ckpt")) is type(model)
+    (tmp_path / "corpus.txt").write_text(TEXT * 40)
+    tuned = llmzoo(capsys, "fit", "--ckpt_path", tmp_path / "model.ckpt", "--data", "TextDataModule",
+                   "--data.path", tmp_path / "corpus.txt", "--data.cache_dir", tmp_path / "cache", "--data.seq_len",
+                   "16", "--data.batch_size", "4", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                   "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+                   "--trainer.default_root_dir", tmp_path / "tuned")
+    assert tuned.code == 0, tuned.err[-3000:]
+    trained = load_checkpoint_model(tmp_path / "tuned" / "checkpoints" / "last.ckpt")
+    def settings(m):  # as recorded, head_dim resolved (config.json always states it)
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in m.hparams.items()}, "head_dim": m.head_dim}
+
+    assert type(trained) is type(model) and settings(trained) == settings(model)
+    assert not torch.equal(trained.blocks[0].attention.qkv.weight, model.blocks[0].attention.qkv.weight)
