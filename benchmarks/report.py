@@ -15,6 +15,7 @@ PARTS = {  # the page's sections, in order
     "train": "benchmarks.train_step",
     "decode": "benchmarks.decode",
     "memory": "benchmarks.memory",
+    "finetune": "benchmarks.finetune",
     "scaling": "benchmarks.scaling",
     "moe": "benchmarks.moe",
     "tokenizer": "benchmarks.tokenizer_throughput",

@@ -14,6 +14,7 @@ import torch
 from llmzoo.files import write_atomic
 
 ARCHITECTURE_KEY = "llmzoo_architecture"  # the model class a checkpoint holds, as "module.QualName"
+QUANTIZATION_KEY = "llmzoo_quantization"  # how its weights are quantized (llmzoo.quantize), if they are
 SHARDED_METADATA = "meta.pt"  # in a sharded checkpoint directory, Lightning's file of all but the sharded state
 CLASS_KEYS = ("_class_path", "_instantiator")  # what LightningCLI adds to the hyperparameters it records
 

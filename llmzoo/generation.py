@@ -14,6 +14,8 @@ The model is any :class:`~llmzoo.models.base.CausalLM` (``backbone``, ``lm_head`
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -50,6 +52,10 @@ class GenerationConfig:
         seed: seeds a generator private to this call (reproducible sampling, global RNG untouched).
         num_draft_tokens: tokens the draft model proposes per step of speculative decoding.
         use_cache: decode with a KV cache (without it, every step re-reads the whole sequence: a slow reference).
+        compile: run each decode step (greedy, sampling, beam search) as one static-shape step compiled with
+            ``torch.compile``, once per model and shape (batch, total length): True for inductor (CUDA graphs,
+            ``reduce-overhead``, on a GPU), or a ``torch.compile`` backend name. Same tokens as without; where
+            compiling fails, decoding goes on without it after one warning.
     """
 
     max_new_tokens: int = 32
@@ -68,6 +74,7 @@ class GenerationConfig:
     seed: int | None = None
     num_draft_tokens: int = 4
     use_cache: bool = True
+    compile: bool | str = False
 
     def __post_init__(self):
         def check(ok: bool, message: str) -> None:
@@ -103,6 +110,8 @@ class GenerationConfig:
               f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
         check(not self.stop_strings or self.fill_token_id is not None,
               "stop_strings need pad_token_id or eos_token_id, to fill the rows that stopped")
+        check(not self.compile or self.use_cache,
+              "compile needs the KV cache (its static-shape step writes into it): drop use_cache=False")
 
     @property
     def fill_token_id(self) -> int | None:
@@ -291,6 +300,9 @@ def _check_inputs(model, input_ids: Tensor, attention_mask: Tensor | None, confi
             raise ValueError("speculative decoding (draft_model) with num_beams > 1 is not supported: use one")
         if draft_model is model:
             raise ValueError("draft_model is the model itself: the two need their own KV caches (pass a copy)")
+        if config.compile:
+            raise ValueError("compile applies to greedy decoding, sampling and beam search, not to speculative "
+                             "decoding (its steps change length): drop compile or the draft_model")
         if draft_model.hparams.vocab_size != model.hparams.vocab_size:
             raise ValueError(f"draft_model has vocab_size={draft_model.hparams.vocab_size}, the model "
                              f"{model.hparams.vocab_size}: the draft must share the model's tokenizer")
@@ -337,6 +349,49 @@ def _kv_cache(model, batch_size: int, max_length: int, max_rollback: int = 0, en
         yield
     finally:
         model.clear_kv_cache()
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {compile option: compiled forward}
+
+
+def _decode_step(model, mask: Tensor | None, config: GenerationConfig) -> Callable[[Tensor, int], Tensor]:
+    """``step(tokens, cur)``: float logits ``[B, V]`` after feeding the tokens at slot ``cur`` (the model holds the
+    slots before it). With ``config.compile``, the static-shape forward (``backbone(input_pos=)``: whole cache,
+    one mask) compiled once per model; if compiling fails, the same forward runs uncompiled after one warning."""
+    if not config.compile:
+        return lambda tokens, cur: _logits(model, tokens, mask, cur, cur + 1, config.use_cache)[:, -1]
+
+    compiled = _COMPILED.setdefault(model, {})
+    if config.compile not in compiled:
+        def forward(model, input_ids: Tensor, input_pos: Tensor, attention_mask: Tensor | None) -> Tensor:
+            hidden, _ = model.backbone(input_ids, attention_mask, input_pos=input_pos)
+            return model.lm_head(hidden[:, -1]).float()
+
+        forward.__code__ = forward.__code__.replace()  # dynamo keeps 8 graphs per code object: each model its own
+        backend = "inductor" if config.compile is True else config.compile
+        mode = "reduce-overhead" if backend == "inductor" and model.device.type == "cuda" else None
+        compiled[config.compile] = (forward, torch.compile(forward, backend=backend, mode=mode, dynamic=False))
+    forward, run = compiled[config.compile]
+    input_pos = torch.zeros(1, dtype=torch.long, device=model.device)
+
+    def step(tokens: Tensor, cur: int) -> Tensor:
+        nonlocal run
+        input_pos.fill_(cur)
+        try:
+            logits = run(model, tokens[:, cur:cur + 1].clone(), input_pos, mask)
+        except Exception as error:  # e.g. no C++ compiler for inductor: the same forward, uncompiled
+            if run is forward:
+                raise
+            message = str(error).strip().splitlines()
+            warnings.warn(f"torch.compile failed, decoding without it (same tokens): {type(error).__name__}"
+                          f"{': ' + message[0] if message else ''}", stacklevel=2)
+            compiled[config.compile] = (forward, forward)
+            run = forward
+            logits = run(model, tokens[:, cur:cur + 1].clone(), input_pos, mask)
+        model.kv_cache_length = cur + 1
+        return logits
+
+    return step
 
 
 def _logits(model, tokens: Tensor, mask: Tensor | None, start: int, end: int, use_cache: bool,
@@ -404,6 +459,7 @@ def _sample(model, tokens: Tensor, mask: Tensor | None, prompt_length: int, conf
     penalize = config.repetition_penalty != 1.0
     with _kv_cache(model, batch, total, enabled=config.use_cache):
         logits = _logits(model, tokens, mask, 0, prompt_length, config.use_cache, last=1)[:, -1]
+        step = _decode_step(model, mask, config)
         for cur in range(prompt_length, total):
             previous = _history(tokens, mask, cur) if penalize else None
             tokens[:, cur] = next_token(logits, config, previous, generator)
@@ -411,7 +467,7 @@ def _sample(model, tokens: Tensor, mask: Tensor | None, prompt_length: int, conf
             yield tokens[:, cur:cur + 1]
             if finished or cur + 1 == total:
                 return
-            logits = _logits(model, tokens, mask, cur, cur + 1, config.use_cache)[:, -1]
+            logits = step(tokens, cur)
 
 
 def _speculative(model, draft_model, tokens: Tensor, mask: Tensor | None, prompt_length: int,
@@ -514,6 +570,7 @@ def _beam_search(model, tokens: Tensor, mask: Tensor | None, prompt_length: int,
     penalize = config.repetition_penalty != 1.0
     with _kv_cache(model, batch * beams, total, enabled=config.use_cache):
         logits = _logits(model, seqs, mask, 0, prompt_length, config.use_cache, last=1)[:, -1]
+        step = _decode_step(model, mask, config)
         for cur in range(prompt_length, total):
             generated = cur + 1 - prompt_length
             previous = _history(seqs, mask, cur) if penalize else None
@@ -561,5 +618,5 @@ def _beam_search(model, tokens: Tensor, mask: Tensor | None, prompt_length: int,
             seqs[:, cur] = next_tokens
             if config.use_cache:
                 model.reorder_kv_cache(rows)
-            logits = _logits(model, seqs, mask, cur, cur + 1, config.use_cache)[:, -1]
+            logits = step(seqs, cur)
     yield done_seqs[:, 0, prompt_length:prompt_length + int(done_lengths[:, 0].max())]

@@ -24,8 +24,8 @@ class RecordBatches(L.Callback):
         self.batches["val"] = []
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if not trainer.sanity_checking:
-            self.batches["val"].append(batch.clone().cpu())
+        if not trainer.sanity_checking:  # the datamodule hands the windows over with their bytes (val/bpb)
+            self.batches["val"].append(batch["input_ids"].clone().cpu())
 
     def on_fit_end(self, trainer, pl_module):
         if self.directory is not None:

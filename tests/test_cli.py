@@ -105,6 +105,8 @@ def test_fit_then_validate_every_architecture(runs, name):
     # validate rebuilds model and data from the checkpoint alone and reproduces the loss of fit's last validation
     assert scalars(validate_log, "val/loss") == pytest.approx(scalars(fit_log, "val/loss")[-1:], rel=1e-5)
     assert "val/loss" in runs["validates"][name].stdout
+    for noise in ("litlogger", "TPU available", "LeafSpec", "Traceback"):  # stderr: only what the run reports
+        assert noise not in runs["fits"][name].stderr + runs["validates"][name].stderr, noise
 
 
 def test_fit_with_options_only_and_the_streaming_datamodule(runs):

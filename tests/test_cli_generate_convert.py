@@ -235,7 +235,7 @@ def test_convert_errors(zoo, capsys, tmp_path, args, message):
 
 
 def test_help_lists_convert_and_the_other_subcommands_refuse_what_they_cannot_use(zoo, capsys):
-    assert "{fit,validate,test,predict,generate,convert}" in llmzoo(capsys, "--help").out
+    assert "{fit,validate,test,predict,generate,convert,evaluate" in llmzoo(capsys, "--help").out  # chat, ... after
     result = llmzoo(capsys, "validate", "--ckpt_path", zoo.hf)
     assert result.code == 1
     assert result.err.strip().endswith(f"validate needs a Lightning checkpoint: llmzoo convert --from_hf {zoo.hf} "
@@ -317,3 +317,34 @@ def test_exported_new_family_converts_back_and_fine_tunes(family, capsys, tmp_pa
 
     assert type(trained) is type(model) and settings(trained) == settings(model)
     assert not torch.equal(trained.blocks[0].attention.qkv.weight, model.blocks[0].attention.qkv.weight)
+
+
+def test_a_plain_trainer_checkpoint_generates(capsys, tmp_path):
+    """A checkpoint of a stock ``Llama`` written by ``lightning.Trainer`` (no LightningCLI class path in its
+    hyperparameters): the CLI takes the architecture llmzoo records and the tokenizer the datamodule kept; and
+    ``--ckpt_path last`` finds it in a run directory."""
+    import lightning as L
+
+    from llmzoo import Llama
+    from llmzoo.data import TextDataModule
+
+    (tmp_path / "corpus.txt").write_text(TEXT * 20)
+    data = TextDataModule(str(tmp_path / "corpus.txt"), tokenizer="char", seq_len=16, batch_size=4,
+                          cache_dir=str(tmp_path / "cache"))
+    data.prepare_data()
+    data.setup("fit")
+    model = Llama(vocab_size=data.vocab_size, embed_dim=32, num_heads=4, num_layers=1, max_position_embeddings=64)
+    trainer = L.Trainer(max_steps=1, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
+                        limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    out = generate_cli(capsys, tmp_path / "plain.ckpt", "--prompt", "To be", "--max_new_tokens", "6",
+                       "--do_sample", "false").out
+    ids = data.tokenizer.encode("To be")
+    eos = data.tokenizer.eos_token_id
+    expected = generate(model.eval(), torch.tensor([ids]), max_new_tokens=6, eos_token_id=eos)[0, len(ids):].tolist()
+    assert out == "To be" + data.tokenizer.decode([i for i in expected if i != eos]) + "\n"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes((tmp_path / "plain.ckpt").read_bytes())
+    assert generate_cli(capsys, "last", "--trainer.default_root_dir", tmp_path / "run", "--prompt", "To be",
+                        "--max_new_tokens", "6", "--do_sample", "false").out == out  # the run's last checkpoint

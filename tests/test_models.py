@@ -84,7 +84,7 @@ def test_num_parameters_and_memory_footprint():
     total = sum(p.numel() for p in model.parameters())
     assert model.num_parameters() == total
     assert model.num_parameters(non_embedding=True) == total - 97 * 32 - 64 * 32
-    assert model.memory_footprint() == {"fp32": 4 * total, "bf16": 2 * total, "int8": total}
+    assert model.memory_footprint() == {"fp32": 4 * total, "bf16": 2 * total, "int8": total, "held": 4 * total}
     # the GPT-2 small shape has the well-known 124M parameters
     with torch.device("meta"):
         small = GPT2(vocab_size=50257, embed_dim=768, num_heads=12, num_layers=12, max_position_embeddings=1024)

@@ -227,6 +227,7 @@ def bad_inputs(corpus: Path, trained: Path, tmp: Path) -> dict[str, tuple[list, 
     Runs go to ``tmp / "run"``, which must not exist afterwards."""
     run = tmp / "run"
     (tmp / "empty.txt").write_text("")
+    (tmp / "bad.yaml").write_text("model:\n  class_path: llmzoo.Llama\n   init_args: [\n")
     truncated, garbage, crafted = tmp / "truncated.ckpt", tmp / "garbage.ckpt", tmp / "crafted.ckpt"
     truncated.write_bytes(trained.read_bytes()[:trained.stat().st_size // 2])
     garbage.write_bytes(b"\x00not a checkpoint" * 100)
@@ -281,6 +282,24 @@ def bad_inputs(corpus: Path, trained: Path, tmp: Path) -> dict[str, tuple[list, 
                                    f"tokenizer.json or checkpoint the model was trained with"),
         "corrupted tokenizer.json": ([*fit, "--data.tokenizer", tmp / "broken" / "tokenizer.json"],
                                      f"{tmp / 'broken' / 'tokenizer.json'}: not a valid tokenizer.json"),
+        "num_layers 0": ([*fit, "--model.num_layers", "0"],
+                         "num_layers=0 is out of range: it must be >= 1 (set --model.num_layers)"),
+        "num_heads 0": ([*fit, "--model.num_heads", "0"], "num_heads=0 is out of range: it must be >= 1"),
+        "negative learning rate": ([*fit, "--model.learning_rate", "-0.001"],
+                                   "learning_rate=-0.001 is out of range: it must be > 0 (set --model.learning_rate)"),
+        "negative learning rate, scientific notation": ([*fit, "--model.learning_rate", "-1e-3"],
+                                                        "learning_rate=-0.001 is out of range: it must be > 0"),
+        "misspelt architecture": ([*fit, "--model", "Lama"],
+                                  "--model Lama is not a known class (did you mean Llama?): use one of GPT, GPT2, "
+                                  "Llama,"),
+        "invalid YAML config": (["fit", "--config", tmp / "bad.yaml"],
+                                f"{tmp / 'bad.yaml'} is not valid YAML: mapping values are not allowed here at line 3"),
+        "missing config file": (["fit", "--config", tmp / "nowhere.yaml"],
+                                f"config file {tmp / 'nowhere.yaml'} does not exist"),
+        "default_root_dir is a file": ([*fit, "--trainer.default_root_dir", tmp / "empty.txt"],
+                                       f"--trainer.default_root_dir {tmp / 'empty.txt'} is a file: give a directory"),
+        "vocab_size typed, not linked": ([*fit, "--model.vocab_size", "10"],
+                                         "--model.vocab_size=10 is set by the tokenizer, which has"),
         "output directory of another run": ([*fit_args(corpus, trained.parents[1], "text", "--model.num_layers", "3")],
                                             f"{trained.parents[1]} holds another run (--model.num_layers is 3 here, 2 "
                                             f"in the run): use another --trainer.default_root_dir"),
@@ -308,7 +327,69 @@ def test_every_bad_input_is_one_line_naming_problem_and_fix_and_writes_nothing(c
         assert not (tmp_path / "run").exists(), f"{name} wrote {list((tmp_path / 'run').rglob('*'))}"
     assert not (tmp_path / "pwned").exists()  # the crafted pickle never ran
     assert {p: p.stat().st_mtime_ns for p in trained.parents[1].rglob("*")} == before  # the other run untouched
-    assert len(cases) == 21
+    assert len(cases) == 30
+
+
+def test_every_entry_point_taking_a_file_refuses_a_crafted_pickle_with_the_one_message(corpus, trained, tmp_path):
+    """Every way a user hands llmzoo a file that could be a pickle (CLI flags and Python functions) goes through
+    ``llmzoo.checkpoints.read_checkpoint``: the same refusal, naming what the pickle would call, and the pickle's
+    code never runs (its marker file never appears)."""
+    from llmzoo import CausalLM, Llama
+    from llmzoo.checkpoints import read_checkpoint
+    from llmzoo.data import load_tokenizer_for_checkpoint
+    from llmzoo.hf import convert_checkpoint_to_hf, from_hf, load_checkpoint_model, to_hf
+
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload(tmp_path / "pwned")}, crafted)
+    hf = tmp_path / "hf"  # a Hugging Face directory whose pickled weights are the crafted file
+    to_hf(Llama(vocab_size=28, embed_dim=32, num_heads=4, num_layers=1, max_position_embeddings=64), hf)
+    (hf / "model.safetensors").unlink()
+    (hf / "pytorch_model.bin").write_bytes(crafted.read_bytes())
+    sharded = tmp_path / "sharded"  # a sharded checkpoint directory whose meta.pt is the crafted file
+    sharded.mkdir()
+    (sharded / "meta.pt").write_bytes(crafted.read_bytes())
+    refusal = f"refusing to load {{}}: it holds objects that are not plain tensors and containers ({os.system.__module__}.system)"
+    fit = fit_args(corpus, tmp_path / "run", "text", "--data.num_workers", "0")
+    generate_args = ["generate", "--ckpt_path", trained, "--max_new_tokens", "2"]
+    cli = {
+        "fit --ckpt_path": ([*fit, "--ckpt_path", crafted], crafted),
+        "validate --ckpt_path": (["validate", "--ckpt_path", crafted], crafted),
+        "generate --ckpt_path": (["generate", "--ckpt_path", crafted], crafted),
+        "fit --data.tokenizer": ([*fit, "--data.tokenizer", crafted], crafted),
+        "generate --draft_ckpt_path": ([*generate_args, "--draft_ckpt_path", crafted], crafted),
+        "convert --ckpt_path --to_hf": (["convert", "--ckpt_path", crafted, "--to_hf", tmp_path / "out"], crafted),
+        "convert --tokenizer": (["convert", "--ckpt_path", trained, "--to_hf", tmp_path / "out", "--tokenizer",
+                                 crafted], crafted),
+        "convert --from_hf --allow_pickle": (["convert", "--from_hf", hf, "--to", tmp_path / "out.ckpt",
+                                              "--allow_pickle", "true"], hf / "pytorch_model.bin"),
+        "convert sharded --ckpt_path --to": (["convert", "--ckpt_path", sharded, "--to", tmp_path / "out.ckpt"],
+                                             sharded / "meta.pt"),
+    }
+    for name, (args, path) in cli.items():
+        assert error_line(*args) == refusal.format(path) + "; only load checkpoints you trust", name
+    python = {
+        "read_checkpoint": (lambda: read_checkpoint(crafted), crafted),
+        "load_checkpoint_model": (lambda: load_checkpoint_model(crafted), crafted),
+        "CausalLM.load_from_checkpoint": (lambda: CausalLM.load_from_checkpoint(crafted), crafted),
+        "Llama.load_from_checkpoint": (lambda: Llama.load_from_checkpoint(crafted), crafted),
+        "load_tokenizer_for_checkpoint": (lambda: load_tokenizer_for_checkpoint(crafted), crafted),
+        "convert_checkpoint_to_hf": (lambda: convert_checkpoint_to_hf(crafted, tmp_path / "out"), crafted),
+        "from_hf(allow_pickle=True)": (lambda: from_hf(hf, allow_pickle=True), hf / "pytorch_model.bin"),
+    }
+    for name, (call, path) in python.items():
+        with pytest.raises(ValueError) as refused:
+            call()
+        assert str(refused.value).startswith(refusal.format(path)), (name, str(refused.value))
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_lightning_refusing_the_trainer_settings_is_one_line(corpus, tmp_path):
+    message = error_line(*fit_args(corpus, tmp_path / "run", "text", "--trainer.accelerator", "gpu"))
+    assert message == ("No supported gpu backend found: Lightning refused the trainer settings (check "
+                       "--trainer.accelerator, --trainer.devices, --trainer.strategy)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_errors_exit_with_status_1_and_no_traceback_unless_llmzoo_debug(tmp_path):

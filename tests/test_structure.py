@@ -40,7 +40,8 @@ ALLOWED = {
     "layers": ("llmzoo.layers",),
     "files": (),
     "checkpoints": ("llmzoo.files",),
-    "models": ("llmzoo.layers", "llmzoo.models", "llmzoo.checkpoints", "llmzoo.generation", "llmzoo.strategies"),
+    "models": ("llmzoo.layers", "llmzoo.models", "llmzoo.checkpoints", "llmzoo.generation", "llmzoo.strategies",
+               "llmzoo.quantize"),
     "hf": ("llmzoo.hf", "llmzoo.models", "llmzoo.checkpoints", "llmzoo.files", "llmzoo.data.tokenizer", "llmzoo"),
     "data": ("llmzoo.data", "llmzoo.files", "llmzoo.checkpoints"),
 }

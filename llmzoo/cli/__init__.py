@@ -6,10 +6,15 @@
     llmzoo validate --ckpt_path runs/quickstart/checkpoints/last.ckpt     # model and data from the checkpoint
     llmzoo generate --ckpt_path runs/quickstart/checkpoints/last.ckpt --prompt "def "
     llmzoo convert --ckpt_path runs/quickstart/checkpoints/last.ckpt --to_hf exported   # and --from_hf DIR --to CKPT
+    llmzoo evaluate --ckpt_path runs/quickstart/checkpoints/last.ckpt --files held_out.txt --tasks my_task
 
 - :mod:`~llmzoo.cli.command`: :func:`main`, ``convert`` or LightningCLI, and bad input as one line;
 - :mod:`~llmzoo.cli.lightning_cli`: :class:`LLMZooCLI` and :class:`LLMZooTrainer`;
 - :mod:`~llmzoo.cli.generate` and :mod:`~llmzoo.cli.conversion`: the two subcommands of llmzoo's own;
+- :mod:`~llmzoo.cli.evaluate`: ``llmzoo evaluate`` (lm-evaluation-harness tasks, perplexity and bits per byte of
+  files), run like ``convert`` before LightningCLI;
+- :mod:`~llmzoo.cli.chat`: ``llmzoo chat`` (a conversation with a fine-tuned model) and what ``generate --chat``
+  shares with it;
 - :mod:`~llmzoo.cli.arguments`: the command line before and after jsonargparse;
 - :mod:`~llmzoo.cli.runs`: the rules of a run directory.
 

@@ -3,12 +3,14 @@ taken from ``--ckpt_path``'s checkpoint, and an error's message on one line."""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import re
 from pathlib import Path
 
-from llmzoo.checkpoints import is_sharded_checkpoint, qualified_name, read_checkpoint, sharded_checkpoint_error
+from llmzoo.checkpoints import (checkpoint_class_path, is_sharded_checkpoint, qualified_name, read_checkpoint,
+                               sharded_checkpoint_error)
 from llmzoo.hf import config_from_hf, read_hf_config
 
 LIST_OPTIONS = ("--prompt", "--stop")  # repeatable: each occurrence is one item
@@ -20,7 +22,7 @@ def with_checkpoint_classes(args: list[str], subcommands: set[str], checkpoint: 
     Hugging Face directory: ``--model`` then comes from its ``config.json``. ``checkpoint``: the checkpoint's
     contents when they are already read (:func:`~llmzoo.checkpoints.read_checkpoint`), else it is read here."""
     position = next((i for i, arg in enumerate(args) if arg in subcommands), None)
-    if position is None or args[position] == "convert":
+    if position is None or args[position] in ("convert", "evaluate"):  # they read the checkpoint themselves
         return args
     ckpt_path = option_value(args, "--ckpt_path")
     given = {arg.split("=")[0] for arg in args}
@@ -44,13 +46,69 @@ def with_checkpoint_classes(args: list[str], subcommands: set[str], checkpoint: 
     inserted = []
     for option, key in (("--model", "hyper_parameters"), ("--data", "datamodule_hyper_parameters")):
         hparams = dict(checkpoint.get(key) or {})
-        if option in given or "_class_path" not in hparams:
+        # LightningCLI records the class in the hyperparameters; a plain Trainer's checkpoint has llmzoo's key only
+        class_path = hparams.pop("_class_path", None) or (checkpoint_class_path(checkpoint) if option == "--model"
+                                                          else None)
+        if option in given or class_path is None:
             continue
-        class_path = hparams.pop("_class_path")
         hparams.pop("_instantiator", None)
         inserted.append(f"{option}={json.dumps({'class_path': class_path, 'init_args': hparams})}"
                         if option == "--data" else f"{option}={class_path}")
     return args[:position + 1] + inserted + args[position + 1:]
+
+
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?", re.IGNORECASE)
+
+
+def attach_negative_numbers(args: list[str]) -> list[str]:
+    """``--option -1e-3`` as ``--option=-1e-3``: argparse takes a negative number in scientific notation for an
+    option of its own (``expected one argument``)."""
+    attached, i = [], 0
+    while i < len(args):
+        if (args[i].startswith("--") and "=" not in args[i] and i + 1 < len(args)
+                and NEGATIVE_NUMBER.fullmatch(args[i + 1])):
+            attached.append(f"{args[i]}={args[i + 1]}")
+            i += 2
+        else:
+            attached.append(args[i])
+            i += 1
+    return attached
+
+
+def check_config_files(args: list[str]) -> None:
+    """Each ``--config`` / ``-c`` file exists and is valid YAML, or a one-line error naming the file and the place
+    (jsonargparse's own names no file: ``in "<unicode string>", line 2``)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        option, has_value, value = arg.partition("=")
+        if option not in ("--config", "-c") or not (has_value or i + 1 < len(args)):
+            continue
+        path = Path(value if has_value else args[i + 1])
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist: check the path (configs/ holds the presets)")
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ValueError(f"{path} is not valid YAML: {problem}{where}; fix the file") from None
+
+
+def given_vocab_size(args: list[str]) -> str | None:
+    """A model ``vocab_size`` given on the command line or in a ``--config`` file (None: left to the link)."""
+    import yaml
+
+    value = option_value(args, "--model.vocab_size") or option_value(args, "--model.init_args.vocab_size")
+    for i, arg in enumerate(args):
+        option, has_value, path = arg.partition("=")
+        if option in ("--config", "-c") and (has_value or i + 1 < len(args)):
+            config = yaml.safe_load(Path(path if has_value else args[i + 1]).read_text(encoding="utf-8")) or {}
+            model = config.get("model") if isinstance(config, dict) else None
+            if isinstance(model, dict):
+                value = (model.get("init_args") or {}).get("vocab_size", model.get("vocab_size", value))
+    return value
 
 
 def gather_lists(args: list[str], options: tuple[str, ...]) -> list[str]:
@@ -101,4 +159,64 @@ def one_line(error: BaseException) -> str:
             break
         error = inner
     message = re.sub(r"(?:a )?<class '(?:\w+\.)*(\w+)'>", r"\1", " ".join(str(error).split()))
+    unknown = re.fullmatch(r"Expected a dot import path string: (\S+)", message)
+    if unknown and keys and keys[-1] in ("model", "data"):
+        return unknown_class(keys[-1], unknown[1])
     return f"--{'.'.join(keys)}: {message}" if keys else message
+
+
+def unknown_class(option: str, name: str) -> str:
+    """``--model Lama``: the classes ``option`` takes and the closest to ``name``."""
+    from llmzoo.data import LanguageDataModule
+    from llmzoo.models import ARCHITECTURES
+
+    def subclasses(cls: type) -> list[type]:
+        return [sub for child in cls.__subclasses__() for sub in (child, *subclasses(child))]
+
+    names = sorted(ARCHITECTURES) if option == "model" else sorted({c.__name__ for c in subclasses(LanguageDataModule)})
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    guess = f" (did you mean {close[0]}?)" if close else ""
+    example = "my_module.MyModel" if option == "model" else "my_module.MyDataModule"
+    return (f"--{option} {name} is not a known class{guess}: use one of {', '.join(names)}, or the import path "
+            f"of your own subclass ({example})")
+
+
+def config_files(args: list[str]) -> list[dict]:
+    """The contents of the ``--config`` / ``-c`` files of ``args``, in order."""
+    import yaml
+
+    files = []
+    for i, arg in enumerate(args):
+        option, has_value, path = arg.partition("=")
+        if option in ("--config", "-c") and (has_value or i + 1 < len(args)):
+            config = yaml.safe_load(Path(path if has_value else args[i + 1]).read_text(encoding="utf-8"))
+            files.append(config if isinstance(config, dict) else {})
+    return files
+
+
+def with_pretrained_class(args: list[str], subcommands: set[str]) -> list[str]:
+    """``args`` with ``--model`` taken from ``--model.pretrained`` (on the command line or in a ``--config`` file):
+    the pretrained model's class and architecture are inserted after the subcommand, so that configs and options
+    that follow set the training settings (:func:`llmzoo.pretrained.pretrained_model_option`)."""
+    from llmzoo.pretrained import pretrained_model_option
+
+    position = next((i for i, arg in enumerate(args) if arg in subcommands), None)
+    if position is None or args[position] in ("convert", "evaluate"):
+        return args
+    source = option_value(args, "--model.pretrained") or option_value(args, "--model.init_args.pretrained")
+    for config in config_files(args):
+        model = config.get("model") if isinstance(config.get("model"), dict) else {}
+        source = source or (model.get("init_args") or {}).get("pretrained") or model.get("pretrained")
+    if not source:
+        return args
+    return args[:position + 1] + [f"--model={json.dumps(pretrained_model_option(source))}"] + args[position + 1:]
+
+
+FLAGS = ("--chat",)  # boolean options that may be given bare: --chat means --chat=true
+
+
+def with_bare_flags(args: list[str], flags: tuple[str, ...] = FLAGS) -> list[str]:
+    """``args`` with each bare flag of ``flags`` (one not followed by a value) as ``--flag=true``."""
+    values = {"true", "false", "yes", "no", "1", "0", "null"}
+    return [f"{arg}=true" if arg in flags and (i + 1 == len(args) or args[i + 1].lower() not in values) else arg
+            for i, arg in enumerate(args)]

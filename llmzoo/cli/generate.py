@@ -11,12 +11,15 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from llmzoo.checkpoints import read_checkpoint
+from llmzoo.checkpoints import QUANTIZATION_KEY, read_checkpoint
+from llmzoo.cli.chat import HeldBack, chat_prompt, end_of_turn_ids, run_template
 from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint
 from llmzoo.generation import GenerationConfig, TextStream, left_pad, room_after_prompts, stream
 from llmzoo.hf import from_hf
 from llmzoo.models import CausalLM
 from llmzoo.models.build import fill_model, load_checkpoint_model
+from llmzoo.quantize import quantize as quantize_model
+from llmzoo.quantize import check_options, quantized_structure
 
 
 def generate(self: L.Trainer, model: CausalLM, ckpt_path: str, prompt: list[str] | None = None,
@@ -25,8 +28,9 @@ def generate(self: L.Trainer, model: CausalLM, ckpt_path: str, prompt: list[str]
              top_p: float | None = None, min_p: float | None = None, repetition_penalty: float = 1.0,
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
              stop: list[str] | None = None, seed: int = 0, draft_ckpt_path: str | None = None,
-             num_draft_tokens: int = 4, datamodule: LanguageDataModule | None = None,
-             weights_only: bool | None = None, checkpoint_contents: dict | None = None) -> list[str]:
+             num_draft_tokens: int = 4, compile: bool = False, quantize: str | None = None, group_size: int = 32,
+             chat: bool = False, system: str | None = None, datamodule: LanguageDataModule | None = None, weights_only: bool | None = None,
+             checkpoint_contents: dict | None = None) -> list[str]:
     """Continue prompts with a checkpoint or a Hugging Face directory, printing the text as it comes.
 
     One row (one prompt, one sample) streams to stdout token by token; several rows are decoded as one
@@ -41,7 +45,7 @@ def generate(self: L.Trainer, model: CausalLM, ckpt_path: str, prompt: list[str]
 
     Args:
         ckpt_path: a Lightning checkpoint (its run's tokenizer is used) or a Hugging Face model directory
-            with a tokenizer.json (one llmzoo exported, or any of the five families).
+            with a tokenizer.json (one llmzoo exported, or any of the seven families).
         prompt: text to continue, taken literally; repeat the option for a batch. None or empty starts a
             new document (after the end-of-sequence token).
         prompt_file: a UTF-8 file of prompts, one per line (blank lines skipped), added to the batch.
@@ -62,6 +66,15 @@ def generate(self: L.Trainer, model: CausalLM, ckpt_path: str, prompt: list[str]
         draft_ckpt_path: a smaller model with the same tokenizer (checkpoint or Hugging Face directory)
             for speculative decoding: greedy output equals the model's alone, sampling keeps its distribution.
         num_draft_tokens: tokens the draft proposes per step of speculative decoding.
+        compile: decode with a compiled static-shape step (torch.compile; same tokens, faster steps after a
+            compilation of seconds to a minute; see docs/inference.md).
+        quantize: int8 or int4 weight-only quantization of the model before decoding (a checkpoint written by
+            llmzoo convert --quantize is quantized already).
+        group_size: input columns per scale and zero of int4 (32, 64, 128 or 256).
+        chat: each prompt is a user message, rendered with the run's chat template (a fine-tuning run keeps its
+            template in its checkpoint; a Hugging Face directory its own; else chatml); the reply ends at the
+            template's end-of-turn marker, which is not printed.
+        system: with --chat, a system message before each prompt.
         weights_only: unused (lets a fit config.yaml be reused).
     """
     checkpoint = checkpoint_contents
@@ -70,15 +83,27 @@ def generate(self: L.Trainer, model: CausalLM, ckpt_path: str, prompt: list[str]
     tokenizer = (datamodule.tokenizer if datamodule is not None
                  else load_tokenizer_for_checkpoint(ckpt_path, checkpoint=checkpoint))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if system is not None and not chat:
+        raise ValueError("--system is a chat setting: add --chat (the prompt is then a user message)")
+    template = run_template(ckpt_path, tokenizer, checkpoint) if chat else None
+    ends = end_of_turn_ids(template, tokenizer) if chat else [eos]
+    stop = [*(stop or []), *([template.end_of_turn] if chat and template.end_of_turn else [])] or None
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=num_beams == 1 if do_sample is None else do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos,
-        pad_token_id=pad, stop_strings=stop, seed=seed, num_draft_tokens=num_draft_tokens)  # checks every option
+        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=ends,
+        pad_token_id=pad, stop_strings=stop, seed=seed, num_draft_tokens=num_draft_tokens,
+        compile=compile)  # checks every option
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if quantize is not None:
+        check_options(quantize, group_size)
     prompts = [*(prompt or []), *read_prompts(prompt_file)] or [""]
-    encoded = [ids or [eos] for ids in tokenizer.encode_batch(prompts)]
+    if chat:
+        opening = [{"role": "system", "content": system}] if system else []
+        encoded = [chat_prompt(template, tokenizer, [*opening, {"role": "user", "content": text}]) for text in prompts]
+    else:
+        encoded = [ids or [eos] for ids in tokenizer.encode_batch(prompts)]
     rows = [ids for ids in encoded for _ in range(num_samples)]
     draft_model = None
     if draft_ckpt_path is not None:
@@ -87,32 +112,39 @@ def generate(self: L.Trainer, model: CausalLM, ckpt_path: str, prompt: list[str]
             raise ValueError(f"the draft model {draft_ckpt_path} was trained with another tokenizer: speculative "
                              f"decoding needs a draft with the model's tokenizer")
     config.max_new_tokens = fitting_max_new_tokens(encoded, max_new_tokens, model, draft_model)
+    if checkpoint is not None and checkpoint.get(QUANTIZATION_KEY):  # written by llmzoo convert --quantize
+        quantized_structure(model, checkpoint[QUANTIZATION_KEY])
     fill_model(model, checkpoint["state_dict"] if checkpoint is not None else from_hf(ckpt_path).state_dict())
     model.to(self.strategy.root_device)
+    if quantize is not None:
+        quantize_model(model, quantize, group_size)
     if draft_model is not None:
         draft_model.to(model.device)
     input_ids, attention_mask = left_pad(rows, eos if pad is None else pad, model.device)
     chunks = stream(model, input_ids, config, attention_mask=attention_mask, draft_model=draft_model,
                     decode=tokenizer.decode)
-    skip = {eos, pad}  # what follows the end of a row
+    skip = {eos, pad, *ends}  # what follows the end of a row
     if len(rows) == 1:  # printed as it comes
-        text = TextStream(tokenizer.decode, skip)
-        print(prompts[0], end="", flush=True)
+        text, held = TextStream(tokenizer.decode, skip), HeldBack(template.end_of_turn if chat else "")
+        print("" if chat else prompts[0], end="", flush=True)
         for chunk in chunks:
-            print(text.push(chunk[0].tolist()), end="", flush=True)
-        print(text.flush(), flush=True)
-        return [tokenizer.decode(text.ids)]
+            print(held.push(text.push(chunk[0].tolist())), end="", flush=True)
+        print(held.push(text.flush()) + held.flush(), flush=True)
+        reply = tokenizer.decode(text.ids)
+        return [reply.split(template.end_of_turn)[0] if chat and template.end_of_turn else reply]
     with tqdm(total=config.max_new_tokens, desc="generating", unit="token", disable=None, leave=False) as bar:
         new = []
         for chunk in chunks:
             new.append(chunk)
             bar.update(chunk.shape[1])
     continuations = [tokenizer.decode([i for i in ids if i not in skip]) for ids in torch.cat(new, 1).tolist()]
+    if chat and template.end_of_turn:
+        continuations = [text.split(template.end_of_turn)[0] for text in continuations]
     for row, continuation in enumerate(continuations):
         number, sample = divmod(row, num_samples)
         label = ", ".join(part for part, many in ((f"prompt {number + 1}", len(prompts) > 1),
                                                   (f"sample {sample + 1}", num_samples > 1)) if many)
-        print(f"----- {label} -----\n{prompts[number]}{continuation}", flush=True)
+        print(f"----- {label} -----\n{'' if chat else prompts[number]}{continuation}", flush=True)
     return continuations
 
 

@@ -10,20 +10,25 @@ from pathlib import Path
 import lightning as L
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, _InstantiatorFn
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from llmzoo.callbacks import Checkpoint, StepSeed, StopOnNonFiniteLoss, ThrottledProgressBar, Throughput, checkpoint_dir
-from llmzoo.checkpoints import is_checkpoint, is_sharded_checkpoint, read_checkpoint, sharded_checkpoint_error
-from llmzoo.cli.arguments import LIST_OPTIONS, gather_lists, import_class, option_value, with_checkpoint_classes
+from llmzoo.checkpoints import (checkpoint_class_path, is_checkpoint, is_sharded_checkpoint, read_checkpoint,
+                               sharded_checkpoint_error)
+from llmzoo.cli.arguments import (LIST_OPTIONS, attach_negative_numbers, gather_lists, given_vocab_size, import_class,
+                                  option_value, with_bare_flags, with_checkpoint_classes, with_pretrained_class)
+from llmzoo.cli.chat import HELP as CHAT_HELP, chat_parser
 from llmzoo.cli.conversion import HELP as CONVERT_HELP, convert_parser
+from llmzoo.cli.evaluate import HELP as EVALUATE_HELP, evaluate_parser
 from llmzoo.cli.generate import generate
-from llmzoo.cli.runs import last_checkpoint, refuse_another_run
+from llmzoo.cli.runs import last_checkpoint, refuse_another_run, with_last_resolved
 from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
 from llmzoo.models.base import checkpoint_architecture
-from llmzoo.models.build import empty_model
+from llmzoo.models.build import empty_model, parameters_on_meta
+from llmzoo.pretrained import fill_pretrained, pretrained_architecture
 
 LIGHTNING_PATHS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
@@ -70,6 +75,7 @@ class LLMZooCLI(LightningCLI):
 
     def __init__(self, args=None, run: bool = True, **kwargs):
         self.checkpoints: dict[str, dict] = {}  # the checkpoints read, by real path: each is read once
+        self.given_vocab_size = None  # a --model.vocab_size the user typed (the tokenizer's is linked)
         kwargs.setdefault("trainer_defaults", {"default_root_dir": "runs"})
         super().__init__(CausalLM, LanguageDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          trainer_class=LLMZooTrainer, save_config_kwargs={"overwrite": True},
@@ -98,6 +104,8 @@ class LLMZooCLI(LightningCLI):
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         if add_subcommands:  # listed by `llmzoo --help`; main() runs it: it needs no model, data or Trainer
             self.parser.subcommands_added.add_subcommand("convert", convert_parser(), help=CONVERT_HELP)
+            self.parser.subcommands_added.add_subcommand("evaluate", evaluate_parser(), help=EVALUATE_HELP)
+            self.parser.subcommands_added.add_subcommand("chat", chat_parser(), help=CHAT_HELP)
 
     def add_core_arguments_to_parser(self, parser) -> None:
         """Lightning's, with ``--data`` optional: ``generate`` needs none (the others ask for it in
@@ -118,15 +126,24 @@ class LLMZooCLI(LightningCLI):
         """Parse ``args`` (see :func:`~llmzoo.cli.arguments.with_checkpoint_classes`; ``--prompt``/``--stop``
         repeat), reading the ``--ckpt_path`` checkpoint."""
         if args is None or isinstance(args, (list, tuple)):
-            args = list(sys.argv[1:] if args is None else args)
+            args = with_last_resolved(list(sys.argv[1:] if args is None else args))
             checkpoint = self.checkpoint(option_value(args, "--ckpt_path"))
-            args = with_checkpoint_classes(gather_lists(args, LIST_OPTIONS), {*self.subcommands(), "convert"},
-                                           checkpoint)
+            self.given_vocab_size = given_vocab_size(args)
+            args = with_checkpoint_classes(gather_lists(attach_negative_numbers(with_bare_flags(args)), LIST_OPTIONS),
+                                           {*self.subcommands(), "convert", "evaluate", "chat"}, checkpoint)
+            args = with_pretrained_class(args, {*self.subcommands(), "convert", "evaluate", "chat"})
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
-        if self.config.get("subcommand") == "convert":
-            raise ValueError("convert runs in llmzoo.cli.main, not in LLMZooCLI: llmzoo convert --help")
+        if self.config.get("subcommand") in ("convert", "evaluate"):
+            raise ValueError(f"{self.config.subcommand} runs in llmzoo.cli.main, not in LLMZooCLI: "
+                             f"llmzoo {self.config.subcommand} --help")
         config = self.config.get(self.config.get("subcommand") or "", Namespace())
         ckpt_path, model = config.get("ckpt_path"), config.get("model")
+        pretrained = model.get("init_args", Namespace()).get("pretrained") if model is not None else None
+        if pretrained:
+            stored, _ = pretrained_architecture(pretrained)
+            if not issubclass(import_class(model.class_path), stored):
+                raise ValueError(f"--model.pretrained {pretrained} holds a {stored.__name__} model, not a "
+                                 f"{model.class_path}: leave out --model (the pretrained model names its class)")
         checkpoint = self.checkpoint(ckpt_path)  # the one read above, or one a --config file names
         if checkpoint is not None:  # before its hyperparameters are merged into --model
             stored = checkpoint_architecture(checkpoint)
@@ -141,12 +158,14 @@ class LLMZooCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not (ckpt_path and Path(ckpt_path).is_file()):
             return
-        hparams = dict(self.checkpoint(ckpt_path).get("hyper_parameters") or {})
+        checkpoint = self.checkpoint(ckpt_path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        class_path = hparams.pop("_class_path", None) or checkpoint_class_path(checkpoint)  # a plain Trainer's: ours
+        if class_path is not None:
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
         try:
             self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         except SystemExit:
@@ -155,6 +174,10 @@ class LLMZooCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand]
+        root = Path(config.trainer.default_root_dir or ".")
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(f"--trainer.default_root_dir {root} is a file: give a directory for the run "
+                                     f"(runs/NAME)")
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = checkpoint_dir(config.trainer.default_root_dir)
         if config.get("weights_only") is None:
@@ -166,12 +189,27 @@ class LLMZooCLI(LightningCLI):
         if (ckpt_path and is_checkpoint(ckpt_path) and data is not None
                 and data.init_args.get("tokenizer") in TOKENIZER_KINDS):  # never train a tokenizer for a trained model
             data.init_args.tokenizer = ckpt_path
+        pretrained = self.pretrained()
+        if pretrained and data is not None and data.init_args.get("tokenizer") in (None, *TOKENIZER_KINDS):
+            data.init_args.tokenizer = pretrained  # fine-tuning: the pretrained model's tokenizer
         if self.subcommand == "fit":
             refuse_another_run(config, read=self.checkpoint)
 
     def instantiate_classes(self) -> None:
         if self.subcommand == "generate":  # the model on the meta device: generate gives it the checkpoint's weights
             self.config_init = self.parser.instantiate(self.config, instantiators=[(model_on_meta, CausalLM, True)])
+            self.datamodule = self._get(self.config_init, "data")
+            self.model = self._get(self.config_init, "model")
+            self.trainer = self.instantiate_trainer()
+        elif self.pretrained() and not self.config[self.subcommand].get("ckpt_path"):  # a run starts from its weights
+            instantiate = _InstantiatorFn(cli=self, key="model")  # Lightning's, which records the hyperparameters
+
+            def from_pretrained(cls, *args, applied_instantiation_links: dict, **kwargs) -> CausalLM:
+                with parameters_on_meta():
+                    model = instantiate(cls, *args, applied_instantiation_links=applied_instantiation_links, **kwargs)
+                return fill_pretrained(model, self.pretrained())
+
+            self.config_init = self.parser.instantiate(self.config, instantiators=[(from_pretrained, CausalLM, True)])
             self.datamodule = self._get(self.config_init, "data")
             self.model = self._get(self.config_init, "model")
             self.trainer = self.instantiate_trainer()
@@ -195,16 +233,24 @@ class LLMZooCLI(LightningCLI):
         if self.subcommand != "generate":
             self.checkpoints.clear()  # unmapped: a run that replaces the file must not keep the old one on disk
 
+    def pretrained(self) -> str | None:
+        """``--model.pretrained``: the checkpoint or Hugging Face directory a fine-tuning run starts from."""
+        model = self.config.get(self.config.get("subcommand") or "", Namespace()).get("model")
+        return model.get("init_args", Namespace()).get("pretrained") if model is not None else None
+
     def vocab_size(self, data: LanguageDataModule | None) -> int | None:
         """The vocabulary size of ``data``'s tokenizer, linked into the model's ``vocab_size`` (without data, for
         ``generate``, the model's own). A tokenizer that is ``--ckpt_path``'s is taken from the checkpoint
         already read."""
-        if data is None:
+        if data is None or self.pretrained():  # a pretrained model keeps its vocabulary (check_model checks the data's)
             return self._get(self.config, "model").init_args.get("vocab_size")
         ckpt_path = self._get(self.config, "ckpt_path")
         checkpoint = self.checkpoint(ckpt_path)
         if checkpoint is not None and str(data.hparams.get("tokenizer")) == str(ckpt_path):
             data.tokenizer = load_tokenizer_for_checkpoint(ckpt_path, checkpoint=checkpoint)  # its cached_property
+        if self.given_vocab_size is not None and int(self.given_vocab_size) != data.vocab_size:
+            raise ValueError(f"--model.vocab_size={self.given_vocab_size} is set by the tokenizer, which has "
+                             f"{data.vocab_size} tokens: leave --model.vocab_size out (it is linked from --data)")
         return data.vocab_size
 
     def generate(self, **kwargs) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Callable
 from jsonargparse import Namespace
 
 from llmzoo.checkpoints import read_checkpoint
-from llmzoo.cli.arguments import import_class
+from llmzoo.cli.arguments import import_class, option_value
 
 # --model/--data settings that may change between the sessions of one run (vocab_size is linked from the data)
 RUN_INDEPENDENT = {"vocab_size", "num_workers", "cache_dir", "compile", "activation_checkpointing"}
@@ -39,6 +39,27 @@ def last_checkpoint(dirpath: str) -> Path | None:
     """The checkpoint ``--ckpt_path last`` resumes: the newest ``last.ckpt``, ``last-v1.ckpt``... in ``dirpath``."""
     candidates = [p for p in Path(dirpath).glob("last*.ckpt") if re.fullmatch(r"last(-v\d+)?\.ckpt", p.name)]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def with_last_resolved(args: list[str]) -> list[str]:
+    """``generate --ckpt_path last`` as the path of the run's last checkpoint (in ``--trainer.default_root_dir``,
+    ``runs`` by default): Lightning resolves ``last`` for its own loops, not for ``generate``."""
+    from llmzoo.callbacks import checkpoint_dir
+
+    if "generate" not in args[:1] or option_value(args, "--ckpt_path") != "last":
+        return args
+    directory = checkpoint_dir(option_value(args, "--trainer.default_root_dir") or "runs")
+    last = last_checkpoint(directory)
+    if last is None:
+        raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {directory}: pass the run's "
+                                f"--trainer.default_root_dir or the checkpoint's path")
+    resolved = []
+    for arg in args:
+        if arg == "last" and resolved[-1:] == ["--ckpt_path"]:
+            resolved[-1] = f"--ckpt_path={last}"
+        else:
+            resolved.append(f"--ckpt_path={last}" if arg == "--ckpt_path=last" else arg)
+    return resolved
 
 
 def setting_changes(section: str, given: Namespace | None, saved: dict | None) -> list[str]:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from llmzoo.data.datasets import PackedStream, Progress, ResumableLoader, TokenWindows, tokenize_pieces
 from llmzoo.data.sources import cache_dir, cache_key, one_at_a_time, read_pieces, resolve_files
+from llmzoo.data.token_bytes import token_byte_lengths
 from llmzoo.files import write_atomic
 from llmzoo.data.tokenizer import Tokenizer, load_tokenizer_for_checkpoint
 
@@ -131,9 +132,18 @@ class LanguageDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     # ----------------------------------------------------------------- resuming
+    @cached_property
+    def token_bytes(self) -> torch.Tensor:
+        """UTF-8 bytes of each token id ``[vocab_size]`` (:func:`~llmzoo.data.token_bytes.token_byte_lengths`)."""
+        return token_byte_lengths(self.tokenizer)
+
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training:
             self.progress.batches += 1  # counted where the trainer consumes a batch, after any prefetching
+        elif self.trainer is not None and isinstance(batch, torch.Tensor) and (
+                self.trainer.validating or self.trainer.testing or self.trainer.sanity_checking):
+            # the bytes its targets spell: the model logs bits per byte next to loss and perplexity
+            batch = {"input_ids": batch, "num_bytes": self.token_bytes[batch[:, 1:]].sum()}
         return batch
 
     def state_dict(self) -> dict:

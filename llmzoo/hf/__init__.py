@@ -25,8 +25,10 @@ import torch
 
 from llmzoo.checkpoints import ARCHITECTURE_KEY, qualified_name, save_checkpoint
 from llmzoo.files import new_directory
+from llmzoo.layers.lora import has_lora
 from llmzoo.hf.adapter import (ADAPTERS, Adapter, adapter_for_config, adapter_for_model, config_from_hf,
                                config_to_hf, hf_model_type)
+from llmzoo.hf.peft import from_peft, read_peft_config, to_peft
 from llmzoo.hf.rules import Rule, convert_hf_state_dict, hf_state_dict, load_hf_state_dict, state_dict_rules
 from llmzoo.hf.tokenizer import as_tokenizers, save_tokenizer, special_tokens
 from llmzoo.hf.weights import (DEFAULT_MAX_SHARD_SIZE, as_dtype, files_dtype, load_hf_weights, model_dtype,
@@ -39,9 +41,9 @@ for _module in pkgutil.iter_modules(__path__):  # the family adapters, in the or
 
 __all__ = ["ADAPTERS", "Adapter", "DEFAULT_MAX_SHARD_SIZE", "Rule", "adapter_for_config", "adapter_for_model",
            "config_from_hf", "config_to_hf", "convert_checkpoint_to_hf", "convert_hf_state_dict",
-           "convert_hf_to_checkpoint", "from_hf", "hf_model_type", "hf_state_dict", "lightning_checkpoint",
+           "convert_hf_to_checkpoint", "from_hf", "from_peft", "hf_model_type", "hf_state_dict", "lightning_checkpoint",
            "load_checkpoint_model", "load_hf_state_dict", "load_hf_weights", "read_hf_config", "save_hf_weights",
-           "special_tokens", "state_dict_rules", "to_hf"]
+           "read_peft_config", "special_tokens", "state_dict_rules", "to_hf", "to_peft"]
 
 
 def from_hf(source, dtype: torch.dtype | str | None = None, allow_pickle: bool = False) -> CausalLM:
@@ -91,6 +93,9 @@ def to_hf(model: CausalLM, directory: str | os.PathLike, tokenizer=None, dtype: 
     written (default: the model's). The directory appears complete or not at all; a non-empty one is
     replaced only with ``overwrite``. Returns the directory.
     """
+    if has_lora(model):
+        raise ValueError(f"{type(model).__name__} has LoRA adapters: export them with to_peft, or merge them into the "
+                         f"weights first (llmzoo.lora.merge_lora; llmzoo convert --to_hf does) to export the whole model")
     dtype = as_dtype(dtype) or model_dtype(model)
     config = config_to_hf(model, dtype)
     ids = {}

@@ -19,11 +19,14 @@ from llmzoo.layers.positions import apply_rope
 class KVCache(nn.Module):
     """Keys and values of past slots, allocated once: ``k, v [B, num_kv_heads, size, head_dim]``.
 
-    Writes are appends; ``length`` counts the slots seen so far. With a sliding ``window`` the cache is
-    a rolling buffer of ``window + max_rollback`` slots (slot ``s`` lives at ``s % size``) when that is
-    shorter than ``max_length``, so its memory does not grow with the output. ``max_rollback`` is how
+    Writes are appends (:meth:`update`); ``length`` counts the slots seen so far. With a sliding ``window``
+    the cache is a rolling buffer of ``window + max_rollback`` slots (slot ``s`` lives at ``s % size``) when
+    that is shorter than ``max_length``, so its memory does not grow with the output. ``max_rollback`` is how
     many slots :meth:`truncate` may take back (speculative decoding); the rolling buffer keeps that
     many extra slots so that a rollback never loses a slot the window still needs.
+
+    The static-shape path (a compiled decode step) writes with :meth:`write` at a tensor of slots and
+    attends over the whole buffer under :meth:`mask`: no shape depends on how many slots are held.
     """
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int,
@@ -81,6 +84,26 @@ class KVCache(nn.Module):
         self.slots.index_copy_(0, index, new_slots[-keep:])
         return keys, values, slots
 
+    def write(self, k: Tensor, v: Tensor, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Static-shape write of ``k, v [B, Hkv, T, Dh]`` at the slots ``input_pos [T]`` (buffer positions
+        ``input_pos % size``); returns the whole buffers ``[B, Hkv, size, Dh]``. ``length`` is the caller's to
+        set (reading ``input_pos`` would cost a host sync). A rolling buffer takes at most ``max_rollback + 1``
+        slots at once: more would overwrite keys the first of them still needs."""
+        index = input_pos % self.size
+        self.k.index_copy_(2, index, k)
+        self.v.index_copy_(2, index, v)
+        self.slots.index_copy_(0, index, input_pos)
+        return self.k, self.v
+
+    def mask(self, input_pos: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """SDPA's boolean mask ``[B or 1, 1, T, size]`` over the whole buffer for queries at the slots
+        ``input_pos [T]`` (see :meth:`write`). Buffer position ``j`` holds, for query slot ``q``, the newest slot
+        ``q - (q - j) % size`` (negative: not written yet); the causal, window and padding rules of
+        :func:`slot_mask` apply to it. ``attention_mask [B, max_length]`` covers every slot of the call."""
+        q = input_pos[:, None]
+        held = q - (q - self.all_slots[:self.size]) % self.size  # [T, size]
+        return slot_mask(input_pos, held, self.window, attention_mask)
+
     def truncate(self, length: int) -> None:
         """Forget the slots from ``length`` on (speculative decoding rolls back rejected tokens)."""
         if not 0 <= length <= self.length:
@@ -103,18 +126,18 @@ def slot_mask(query_slots: Tensor, key_slots: Tensor, window: int | None = None,
               attention_mask: Tensor | None = None) -> Tensor:
     """SDPA's boolean mask ``[B or 1, 1, T, S]`` (True = attend) for queries at ``query_slots [T]``.
 
-    A query sees keys at slots ``q - window < k <= q``; ``key_slots`` of -1 are empty cache entries;
-    ``attention_mask [B, >= max slot + 1]`` (1 = real token) removes padded keys. A padded query still
-    sees itself so that no row of the softmax is empty (its output is never used).
+    A query sees keys at slots ``q - window < k <= q``; ``key_slots [S]`` (or ``[T, S]``: per query) of -1
+    are empty cache entries; ``attention_mask [B, >= max slot + 1]`` (1 = real token) removes padded keys. A
+    padded query still sees itself so that no row of the softmax is empty (its output is never used).
     """
-    q, k = query_slots[:, None], key_slots[None, :]
+    q, k = query_slots[:, None], key_slots if key_slots.ndim == 2 else key_slots[None, :]
     allowed = (k >= 0) & (k <= q)
     if window is not None:
         allowed &= k > q - window
     if attention_mask is None:
         return allowed[None, None]
-    real_keys = attention_mask.bool()[:, key_slots.clamp(min=0)]  # [B, S]
-    return ((allowed[None] & real_keys[:, None, :]) | (k == q)[None])[:, None]
+    real_keys = attention_mask.bool()[:, k.clamp(min=0)]  # [B, T or 1, S]
+    return ((allowed[None] & real_keys) | (k == q)[None])[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -161,9 +184,14 @@ class CausalSelfAttention(nn.Module):
                                 max_rollback=max_rollback)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                attention_mask: Tensor | None = None) -> Tensor:
+                attention_mask: Tensor | None = None, input_pos: Tensor | None = None,
+                attn_mask: Tensor | None = None) -> Tensor:
         """``x [B, T, D]``; ``rope`` = (cos, sin) ``[B or 1, T, head_dim]``; ``attention_mask [B, S]``
-        over all slots so far (cache included). Returns ``[B, T, D]``."""
+        over all slots so far (cache included). Returns ``[B, T, D]``.
+
+        Static shapes (a compiled decode step): ``input_pos [T]``, the slots of ``x``, written into the
+        cache with :meth:`KVCache.write`; ``attn_mask``, the cache's :meth:`KVCache.mask`, built once per
+        forward by the model, replaces ``attention_mask``."""
         B, T, _ = x.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * Hkv, Dh).transpose(1, 2)
@@ -176,7 +204,10 @@ class CausalSelfAttention(nn.Module):
         q, k = qk.split([H, Hkv], dim=1)
 
         window, mask, causal = self.sliding_window, None, False
-        if self.kv_cache is None:
+        if input_pos is not None:  # static shapes: attend over the whole buffer
+            k, v = self.kv_cache.write(k, v, input_pos)
+            mask = attn_mask
+        elif self.kv_cache is None:
             if attention_mask is None and (window is None or T <= window):
                 causal = True  # SDPA's fused causal path
             else:

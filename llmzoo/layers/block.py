@@ -25,13 +25,14 @@ class Block(nn.Module):
         self.prenorm = prenorm
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, attention_mask: Tensor | None = None,
+                **static) -> tuple[Tensor, Tensor | None]:
+        """``static``: ``input_pos`` and ``attn_mask`` of the static-shape path, passed to the attention."""
         if self.prenorm:
-            x = x + self.dropout(self.attention(self.attention_norm(x), rope, attention_mask))
+            x = x + self.dropout(self.attention(self.attention_norm(x), rope, attention_mask, **static))
             out, aux_loss = self._mlp(self.mlp_norm(x))
             return x + self.dropout(out), aux_loss
-        x = self.attention_norm(x + self.dropout(self.attention(x, rope, attention_mask)))
+        x = self.attention_norm(x + self.dropout(self.attention(x, rope, attention_mask, **static)))
         out, aux_loss = self._mlp(x)
         return self.mlp_norm(x + self.dropout(out)), aux_loss
 

@@ -38,8 +38,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # 16-bit compute (bf16-mixed, bf16-true): each chunk's products are rounded once, the weight gradient's
         # sum over chunks is kept in float32
         low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+        trained = weight.requires_grad  # a frozen head (LoRA) gets no weight gradient: no [V, D] buffer, no matmuls
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32) if low_precision else torch.empty_like(weight)
+        grad_weight = None if not trained else (weight.new_zeros(weight.shape, dtype=torch.float32) if low_precision
+                                                else torch.empty_like(weight))
         compute_weight = weight.to(hidden.dtype)  # a bf16 copy under mixed precision, else weight itself
         chunks = _row_chunks(hidden.shape[0], weight.shape[0], hidden.device)
         # one buffer for every chunk's logits and one for its log-probs: fresh large allocations
@@ -57,11 +59,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=probs.dtype))  # softmax - onehot
             grad_logits = probs.mul_(scale[chunk]).to(hidden.dtype)
             torch.mm(grad_logits, compute_weight, out=grad_hidden[chunk])
+            if not trained:
+                continue
             if low_precision:
                 grad_weight += grad_logits.t() @ h
             else:
                 grad_weight.addmm_(grad_logits.t(), h, beta=int(i > 0))
-        ctx.grads = grad_hidden, grad_weight.to(weight.dtype)
+        ctx.grads = grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
         return total / valid.sum().clamp(min=1)
 
     @staticmethod
@@ -70,7 +74,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError("linear_cross_entropy's gradients were already used: it supports one backward pass")
         (grad_hidden, grad_weight), ctx.grads = ctx.grads, None
         # scaled in place: the gradients were computed for this backward pass alone
-        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss.to(grad_weight.dtype)), None
+        grad_weight = None if grad_weight is None else grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

@@ -86,6 +86,7 @@ class MoE(nn.Module):
         self.router = nn.Linear(embed_dim, num_experts, bias=False)
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, embed_dim))
         self.down = nn.Parameter(torch.empty(num_experts, embed_dim, ffn_dim))
+        self.adapters = nn.ModuleDict()  # name of an expert weight -> (rows [N, in], offsets) -> update [N, out] (LoRA)
         self.init_weights(std=0.02, residual_std=0.02)
 
     @torch.no_grad()
@@ -102,6 +103,8 @@ class MoE(nn.Module):
         probs = self.router(x).float().softmax(dim=-1)                   # [N, E]
         weights, experts = probs.topk(k, dim=-1)                         # [N, k]
         weights = weights / weights.sum(dim=-1, keepdim=True)
+        if torch.compiler.is_exporting():  # ONNX has no grouped matmul
+            return self.dense(x, probs, weights, experts, shape)
 
         # sort the N*k (token, expert) assignments by expert; each expert owns a contiguous run
         order = experts.flatten().argsort(stable=True)
@@ -109,11 +112,35 @@ class MoE(nn.Module):
         counts = torch.bincount(experts.flatten(), minlength=self.num_experts)
         offsets = counts.cumsum(0).to(torch.int32)
 
-        gate, up = F.grouped_mm(x.index_select(0, token), self.gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, self.down.transpose(1, 2), offs=offsets)  # [N*k, D]
+        gate, up = self.expert_matmul("gate_up", x.index_select(0, token), offsets).chunk(2, dim=-1)
+        y = self.expert_matmul("down", F.silu(gate) * up, offsets)  # [N*k, D]
         y = y * weights.flatten()[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token, y)
         return out.view(shape), load_balancing_loss(probs, counts)
+
+    def dense(self, x: Tensor, probs: Tensor, weights: Tensor, experts: Tensor,
+              shape: torch.Size) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` for graph exporters: every expert on every token ``x [N, D]``, weighted by the routing
+        (zero but for the ``k`` chosen experts): the same output, ``num_experts / k`` times the work."""
+        route = torch.zeros_like(probs).scatter(1, experts, weights)  # [N, E]
+        gate, up = torch.einsum("nd,efd->nef", x, self.expert_weight("gate_up", x.dtype)).chunk(2, dim=-1)
+        y = torch.einsum("nef,edf->ned", F.silu(gate) * up, self.expert_weight("down", x.dtype))
+        out = torch.einsum("ned,ne->nd", y, route.to(y.dtype))
+        return out.view(shape), load_balancing_loss(probs, (route > 0).sum(0))
+
+    @torch.compiler.disable  # grouped_mm's meta function refuses float32 (a CUDA rule): a compiled step runs it as is
+    def expert_matmul(self, name: str, x: Tensor, offsets: Tensor) -> Tensor:
+        """Rows ``x [N*k, in]`` sorted by expert (``offsets``: where each expert's rows end) times their expert's
+        weight ``name`` (``gate_up`` or ``down``), transposed: one grouped matmul, plus the adapter of that weight in
+        :attr:`adapters` if any."""
+        y = F.grouped_mm(x, self.expert_weight(name, x.dtype).transpose(1, 2), offs=offsets)
+        return y + self.adapters[name](x, offsets) if name in self.adapters else y
+
+    def expert_weight(self, name: str, dtype: torch.dtype) -> Tensor:
+        """The stacked expert weight ``name`` ``[E, out, in]`` as a tensor: a quantized one (a module of
+        :mod:`llmzoo.layers.quantized`, put there by :func:`llmzoo.quantize.quantize`) is dequantized to ``dtype``."""
+        weight = getattr(self, name)
+        return weight if isinstance(weight, Tensor) else weight.dequantize(dtype)
 
     def extra_repr(self) -> str:
         E, F2, D = self.gate_up.shape

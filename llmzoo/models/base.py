@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import asdict
 from functools import partial
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from llmzoo.checkpoints import ARCHITECTURE_KEY, qualified_name, read_checkpoint
+from llmzoo.checkpoints import ARCHITECTURE_KEY, QUANTIZATION_KEY, qualified_name, read_checkpoint
 from llmzoo.layers import Block, CausalSelfAttention, LearnedPositions, MoE, RotaryEmbedding
+from llmzoo.layers.lora import LoRASettings, add_lora, head_weight
 from llmzoo.layers.loss import IGNORE_INDEX, linear_cross_entropy
-from llmzoo.models.metrics import TokenNLL, TokenPerplexity
+from llmzoo.layers.quantized import Int4Weight, Int8Weight
+from llmzoo.models.hparams import check_hyperparameters
+from llmzoo.models.metrics import BitsPerByte, TokenNLL, TokenPerplexity
 
 
 class CausalLM(L.LightningModule):
@@ -25,7 +29,8 @@ class CausalLM(L.LightningModule):
     final norm before the head; post-norm models end normalised already.
 
     Training batches are token windows ``[B, T + 1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``) or
-    dicts with ``input_ids`` and optional ``labels`` (-100 = ignore) and ``attention_mask``.
+    dicts with ``input_ids`` and optional ``labels`` (-100 = ignore) and ``attention_mask``. A validation or
+    test batch with ``num_bytes`` (the UTF-8 bytes its targets spell) also logs bits per byte (``val/bpb``).
 
     Args:
         vocab_size: size of the token vocabulary (linked from the tokenizer by the CLI).
@@ -47,6 +52,13 @@ class CausalLM(L.LightningModule):
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             storing them (less memory, about a third more compute).
         compile: compile each block with ``torch.compile`` when training starts (``configure_model``).
+        pretrained: the checkpoint file or Hugging Face directory a fine-tuning run starts from (its architecture,
+            hyperparameters, weights and tokenizer); recorded here, read by ``llmzoo fit`` when the run starts
+            (:func:`llmzoo.pretrained.load_pretrained`), not by this class.
+        lora: LoRA adapters (:class:`~llmzoo.layers.lora.LoRASettings`: ``r``, ``alpha``, ``dropout``, ``targets``)
+            put on the model as it is built; every other weight is frozen (see docs/finetuning.md).
+        quantize: ``int8`` or ``int4`` (groups of 32): the frozen base weights but the output head are quantized when
+            training starts (``configure_model``) and only the LoRA adapters train, QLoRA-style (docs/inference.md).
     """
 
     prenorm: bool = True
@@ -62,9 +74,15 @@ class CausalLM(L.LightningModule):
                  learning_rate: float = 3e-4, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
                  warmup_steps: int = 100, lr_decay_steps: int | None = None,
                  min_learning_rate: float | None = None, aux_loss_coef: float = 0.01,
-                 activation_checkpointing: bool = False, compile: bool = False):
+                 activation_checkpointing: bool = False, compile: bool = False, pretrained: str | None = None,
+                 lora: LoRASettings | None = None, quantize: str | None = None):
         super().__init__()
         self.save_hyperparameters()  # also records the subclasses' arguments: Llama.load_from_checkpoint(p) works
+        check_hyperparameters(self.hparams)
+        if quantize is not None:
+            from llmzoo.quantize import check_options
+
+            check_options(quantize, 32)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.positions = self.make_positions()
         self.rope = self.make_rope()
@@ -75,7 +93,11 @@ class CausalLM(L.LightningModule):
         self.init_weights()
         if tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.eval_nll, self.eval_ppl = TokenNLL(), TokenPerplexity()
+        self.eval_nll, self.eval_ppl, self.eval_bpb = TokenNLL(), TokenPerplexity(), BitsPerByte()
+        if lora is not None:
+            settings = LoRASettings(**lora) if isinstance(lora, dict) else lora
+            self.hparams.lora = asdict(settings)  # a plain dict: checkpoints load with weights_only=True
+            add_lora(self, **self.hparams.lora)
 
     # ----------------------------------------------------------------- architecture hooks
     def make_positions(self) -> nn.Module | None:
@@ -128,17 +150,31 @@ class CausalLM(L.LightningModule):
         hidden, _ = self.backbone(input_ids, attention_mask)
         return self.lm_head(hidden)
 
-    def backbone(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Final hidden states ``[B, T, D]`` and the mean MoE load-balancing loss (None for dense models)."""
+    def backbone(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 input_pos: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Final hidden states ``[B, T, D]`` and the mean MoE load-balancing loss (None for dense models).
+
+        ``input_pos [T]``: the static-shape path of a compiled decode step. ``input_ids`` go to the KV cache at
+        the slots ``input_pos`` and attend over the whole preallocated cache under one mask per forward
+        (:meth:`~llmzoo.layers.KVCache.mask`); ``attention_mask [B, max_length]`` then covers every slot of the
+        cache. No shape depends on the position, nothing is read back to the host, and ``kv_cache_length`` is
+        left to the caller to set."""
         batch, length = input_ids.shape
-        start = self.kv_cache_length
-        if start + length > self.hparams.max_position_embeddings:
-            raise ValueError(f"{start + length} tokens exceed max_position_embeddings="
-                             f"{self.hparams.max_position_embeddings}: shorten the input or use a longer-context model")
-        if attention_mask is not None and attention_mask.shape != (batch, start + length):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                             f"{(batch, start + length)} (batch, cached + new tokens)")
-        positions = self.position_ids(start, length, attention_mask, input_ids.device)
+        static = {}
+        if input_pos is not None:
+            positions = input_pos[None] if attention_mask is None else self.position_ids(0, None, attention_mask,
+                                                                                        input_ids.device)[:, input_pos]
+            static = {"input_pos": input_pos}
+        else:
+            start = self.kv_cache_length
+            if start + length > self.hparams.max_position_embeddings:
+                raise ValueError(f"{start + length} tokens exceed max_position_embeddings="
+                                 f"{self.hparams.max_position_embeddings}: shorten the input or use a longer-context "
+                                 f"model")
+            if attention_mask is not None and attention_mask.shape != (batch, start + length):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected "
+                                 f"{(batch, start + length)} (batch, cached + new tokens)")
+            positions = self.position_ids(start, length, attention_mask, input_ids.device)
         x = self.embed(input_ids)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
@@ -147,28 +183,37 @@ class CausalLM(L.LightningModule):
         x = self.drop(x)
         rope = self.rope(positions, x.dtype) if self.rope is not None else None
         checkpointing = self.hparams.activation_checkpointing and self.training and torch.is_grad_enabled()
-        aux_losses = []
+        aux_losses, masks = [], {}
         for block in self.blocks:
+            if static:  # one mask per cache geometry (one for every zoo model), not one per layer
+                cache = block.attention.kv_cache
+                key = (cache.size, cache.window)
+                if key not in masks:
+                    masks[key] = cache.mask(input_pos, attention_mask)
+                static["attn_mask"] = masks[key]
             if checkpointing:
                 x, aux_loss = torch.utils.checkpoint.checkpoint(block, x, rope, attention_mask, use_reentrant=False)
             else:
-                x, aux_loss = block(x, rope, attention_mask)
+                x, aux_loss = block(x, rope, attention_mask, **static)
             if aux_loss is not None:
                 aux_losses.append(aux_loss)
         return self.norm(x), torch.stack(aux_losses).mean() if aux_losses else None
 
     @staticmethod
-    def position_ids(start: int, length: int, attention_mask: Tensor | None, device: torch.device) -> Tensor:
-        """Positions ``[B or 1, length]`` of the slots ``start .. start + length``; padding does not count."""
+    def position_ids(start: int, length: int | None, attention_mask: Tensor | None, device: torch.device) -> Tensor:
+        """Positions ``[B or 1, length]`` of the slots ``start .. start + length`` (None: to the end of
+        ``attention_mask``); padding does not count."""
         if attention_mask is None:
             return torch.arange(start, start + length, device=device)[None]
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + length]
+        end = None if length is None else start + length
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:end]
 
     # ----------------------------------------------------------------- KV cache
     def setup_kv_cache(self, batch_size: int, max_length: int, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None, max_rollback: int = 0) -> None:
         """Preallocate every layer's KV cache for ``max_length`` slots (forward calls then append to it);
         ``max_rollback``: how many slots :meth:`truncate_kv_cache` may take back at once."""
+        dtype, device = dtype or self.embed.weight.dtype, device or self.embed.weight.device  # the activations'
         for block in self.blocks:
             block.attention.setup_kv_cache(batch_size, max_length, dtype, device, max_rollback)
 
@@ -188,9 +233,14 @@ class CausalLM(L.LightningModule):
 
     @property
     def kv_cache_length(self) -> int:
-        """Slots held by the KV cache (0 without one)."""
+        """Slots held by the KV cache (0 without one); set it after static-shape steps (``backbone(input_pos=)``)."""
         cache = self.blocks[0].attention.kv_cache
         return 0 if cache is None else cache.length
+
+    @kv_cache_length.setter
+    def kv_cache_length(self, length: int) -> None:
+        for block in self.blocks:
+            block.attention.kv_cache.length = length
 
     # ----------------------------------------------------------------- generation
     def generate(self, input_ids: Tensor, max_new_tokens: int | None = None, **kwargs) -> Tensor:
@@ -203,11 +253,16 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- training
     def configure_model(self) -> None:
-        """Called by Lightning before training: with ``compile``, compile each block in place (state-dict names
-        stay); under a ``ModelParallelStrategy`` (FSDP2) shard the model with
+        """Called by Lightning before training: with ``quantize``, quantize the frozen base weights
+        (:func:`llmzoo.quantize.quantize`, adapters kept); with ``compile``, compile each block in place (state-dict
+        names stay); under a ``ModelParallelStrategy`` (FSDP2) shard the model with
         :func:`llmzoo.strategies.shard_model`. Idempotent."""
         if getattr(self, "_configured", False):
             return
+        if self.hparams.quantize and not getattr(self, "quantization", None):
+            from llmzoo.quantize import quantize
+
+            quantize(self, self.hparams.quantize, group_size=32, head=False)  # the fused loss takes a float head
         if self.hparams.compile:
             for block in self.blocks:
                 block.compile()
@@ -235,7 +290,7 @@ class CausalLM(L.LightningModule):
         ``[B*T, vocab]`` logits are never materialised."""
         input_ids, targets, mask = self.split_batch(batch)
         hidden, aux_loss = self.backbone(input_ids, mask)
-        nll = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)
+        nll = linear_cross_entropy(hidden.flatten(0, 1), head_weight(self.lm_head), targets.flatten(), reduction)
         return nll, (targets != IGNORE_INDEX).sum(), aux_loss
 
     def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor:
@@ -266,6 +321,9 @@ class CausalLM(L.LightningModule):
         self.eval_ppl.update(nll_sum, count)
         self.log(f"{stage}/loss", self.eval_nll, prog_bar=True)
         self.log(f"{stage}/ppl", self.eval_ppl, prog_bar=True)
+        if isinstance(batch, dict) and "num_bytes" in batch:  # the UTF-8 bytes of the targets (the datamodule's)
+            self.eval_bpb.update(nll_sum, batch["num_bytes"])
+            self.log(f"{stage}/bpb", self.eval_bpb, prog_bar=True)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -286,6 +344,8 @@ class CausalLM(L.LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[ARCHITECTURE_KEY] = qualified_name(self.architecture)
+        if getattr(self, "quantization", None):  # its state dict holds quantized weights (llmzoo.quantize)
+            checkpoint[QUANTIZATION_KEY] = self.quantization
 
     @property
     def architecture(self) -> type[CausalLM]:
@@ -311,8 +371,10 @@ class CausalLM(L.LightningModule):
 
     # ----------------------------------------------------------------- introspection
     def num_parameters(self, non_embedding: bool = False) -> int:
-        """Parameter count; ``non_embedding`` leaves out the token and learned position embeddings."""
+        """Parameter count (quantized weights included); ``non_embedding`` leaves out the token and learned position
+        embeddings."""
         total = sum(p.numel() for p in self.parameters())
+        total += sum(m.shape.numel() for m in self.modules() if isinstance(m, (Int8Weight, Int4Weight)))
         if non_embedding:
             total -= self.embed.weight.numel()
             if isinstance(self.positions, LearnedPositions):
@@ -335,9 +397,12 @@ class CausalLM(L.LightningModule):
         return 6 * (linear + experts) + attention
 
     def memory_footprint(self) -> dict[str, int]:
-        """Bytes the weights take in fp32, bf16 and int8 (no activations, gradients or optimizer state)."""
+        """Bytes the weights take in fp32, bf16 and int8, and ``held``: as they are held now, quantized weights
+        (:mod:`llmzoo.quantize`) with their scales and zeros (no activations, gradients or optimizer state)."""
         n = self.num_parameters()
-        return {"fp32": 4 * n, "bf16": 2 * n, "int8": n}
+        quantized = [m for m in self.modules() if isinstance(m, (Int8Weight, Int4Weight))]
+        held = sum(p.nbytes for p in self.parameters()) + sum(b.nbytes for m in quantized for b in m.buffers())
+        return {"fp32": 4 * n, "bf16": 2 * n, "int8": n, "held": held}
 
 
 def checkpoint_architecture(checkpoint: str | os.PathLike | dict) -> type[CausalLM] | None:

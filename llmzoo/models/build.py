@@ -9,7 +9,7 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from llmzoo.checkpoints import checkpoint_class_path, model_hyperparameters, read_checkpoint
+from llmzoo.checkpoints import QUANTIZATION_KEY, checkpoint_class_path, model_hyperparameters, read_checkpoint
 from llmzoo.models.base import CausalLM
 
 
@@ -46,9 +46,9 @@ def fill_model(model: CausalLM, state_dict: dict[str, Tensor]) -> CausalLM:
     """Give an :func:`empty_model` the tensors of ``state_dict`` (llmzoo names; they are assigned, so the
     model takes their dtype) and tie the head again. Every parameter must be given, nothing else."""
     keys = model.load_state_dict(state_dict, strict=False, assign=True)
-    if model.hparams.tie_word_embeddings:
+    if model.hparams.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantized head is a copy
         model.lm_head.weight = model.embed.weight
-    missing = [name for name, param in model.named_parameters() if param.is_meta]
+    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if missing or keys.unexpected_keys:
         raise ValueError(f"weights do not match {type(model).__name__}: missing {listing(missing)}, "
                          f"unexpected {listing(sorted(keys.unexpected_keys))}")
@@ -93,4 +93,9 @@ def load_checkpoint_model(checkpoint: str | os.PathLike | dict, model_class: str
     if model_class is not None and not issubclass(cls, resolve_class(model_class)):
         raise ValueError(f"{source} holds a {class_path}, not a {resolve_class(model_class).__name__}: "
                          f"drop model_class or fix it")
-    return build_model(cls, {**model_hyperparameters(checkpoint), **overrides}, checkpoint["state_dict"])
+    model = empty_model(cls, {**model_hyperparameters(checkpoint), **overrides})
+    if checkpoint.get(QUANTIZATION_KEY):  # llmzoo convert --quantize: the quantized layers, empty, then filled
+        from llmzoo.quantize import quantized_structure
+
+        quantized_structure(model, checkpoint[QUANTIZATION_KEY])
+    return fill_model(model, checkpoint["state_dict"])

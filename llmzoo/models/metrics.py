@@ -6,6 +6,8 @@ metrics take the summed negative log-likelihood and the token count the loss alr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -42,3 +44,12 @@ class TokenPerplexity(TokenNLL):
 
     def compute(self) -> Tensor:
         return (self.nll / self.count).exp().float()
+
+
+class BitsPerByte(TokenNLL):
+    """Bits per byte: summed negative log-likelihood (nats) / ln 2 / the UTF-8 bytes of the text the targets spell
+    (``update(nll_sum, num_bytes)``). It does not depend on the tokenizer: models with different tokenizers
+    compare on it, where per-token loss and perplexity do not."""
+
+    def compute(self) -> Tensor:
+        return (self.nll / self.count / math.log(2)).float()
