@@ -53,9 +53,10 @@ def quiet_third_party_noise() -> None:
     """Nothing on stderr that the user did not cause: Lightning's advertisement for its cloud logger, its lines about
     accelerators this machine cannot have (TPU, HPU) and a deprecation warning Lightning's own code raises with this
     torch. Lightning's other lines (the seed, GPU use, limits it applied) stay: they report the run's settings."""
-    def wanted(record: logging.LogRecord) -> bool:
-        return not any(noise in record.getMessage() for noise in ("litlogger", "TPU available", "HPU available"))
-
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(wanted)
+        logging.getLogger(name).addFilter(not_noise)  # the same function: added once however often main() runs
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def not_noise(record: logging.LogRecord) -> bool:
+    return not any(noise in record.getMessage() for noise in ("litlogger", "TPU available", "HPU available"))
