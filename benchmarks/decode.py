@@ -179,7 +179,7 @@ def quality(corpus: str | Path = SHAKESPEARE, steps: int = 1000, context: int = 
               "bf16": copy.deepcopy(model).to(torch.bfloat16)}  # the kernels' activation dtype, float weights
     result = {"steps": steps, "context": context, "new_tokens": new_tokens, "train_seconds": train_seconds,
               "val_tokens": windows.numel() - windows.shape[0], "shape": shape(model), "ppl": {}, "agreement": {},
-              "agreement_per_prompt": {}}
+              "agreement_per_prompt": {}, "decisions": {}}
     greedy = {}
     for name, m in models.items():
         with torch.no_grad():  # the logits of the model's own head (the fused loss takes a float head weight)
@@ -189,6 +189,10 @@ def quality(corpus: str | Path = SHAKESPEARE, steps: int = 1000, context: int = 
         greedy[name] = torch.stack([generate(m, p[None], max_new_tokens=new_tokens)[0, 16:] for p in prompts])
         result["agreement_per_prompt"][name] = (greedy[name] == greedy["fp32"]).float().mean(1).tolist()
         result["agreement"][name] = (greedy[name] == greedy["fp32"]).float().mean().item()
+        with torch.no_grad():  # each next-token decision on float32's own text: no flip is carried forward
+            path = torch.cat([prompts, greedy["fp32"]], 1)
+            choices = m(path[:, :-1])[:, prompts.shape[1] - 1:].argmax(-1)
+        result["decisions"][name] = (choices == greedy["fp32"]).float().mean().item()
     result["text"] = {name: "".join(chars[i] for i in tokens[0].tolist()) for name, tokens in greedy.items()}
     result["qlora"] = lora_on_quantized_base(model, train, windows, lora_steps, context, batch)
     return result
@@ -344,9 +348,10 @@ def limit_report(r: dict) -> list[str]:
 def quality_report(q: dict) -> list[str]:
     names = {"fp32": "float32", "int8": "int8", "int4": f"int4 (group {GROUP_SIZE})",
              "bf16": "bfloat16 (float weights, no quantization)"}
-    per_prompt = q.get("agreement_per_prompt", {})
+    per_prompt, decisions = q.get("agreement_per_prompt", {}), q.get("decisions", {})
     rows = [f"| {label} | {q['ppl'][name]:.4f} | {q['ppl'][name] / q['ppl']['fp32'] - 1:+.2%} | "
-            f"{q['agreement'][name]:.0%} | {', '.join(f'{a:.0%}' for a in per_prompt.get(name, []))} |"
+            f"{q['agreement'][name]:.0%} | {', '.join(f'{a:.0%}' for a in per_prompt.get(name, []))} | "
+            f"{format(decisions[name], '.1%') if name in decisions else ''} |"
             for name, label in names.items() if name in q["ppl"]]
     lora = q.get("qlora")
     if lora:
@@ -364,8 +369,11 @@ def quality_report(q: dict) -> list[str]:
             f"characters after 16 of it (at {PROMPTS} places), with the same weights in float32, int8 and int4 (group "
             f"{GROUP_SIZE}), and the float weights in bfloat16 (the activations' dtype of the quantized kernels); "
             "*agree* = the share of greedy characters equal to float32's, position by position (after a first "
-            "difference the texts go their own ways), over all prompts and for each.", "",
-            "| weights | perplexity | vs float32 | greedy agree | per prompt |", "|---|---|---|---|---|", *rows]
+            "difference the texts go their own ways), over all prompts and for each; *same choice* = the share of "
+            "next-token choices equal to float32's when both read float32's greedy text (a choice at a time, so "
+            "one near tie costs one choice, not the rest of the text).", "",
+            "| weights | perplexity | vs float32 | greedy agree | per prompt | same choice |", "|---|---|---|---|---|---|",
+            *rows]
 
 
 def window_report(w: dict, plots: Path | None) -> list[str]:
@@ -416,6 +424,9 @@ def targets(result: dict) -> list[tuple[str, str, str, bool]]:
                          f"<= +{bound:.0%}", rise <= bound))
         rows.append((f"greedy int8 tokens equal to float32's, {PROMPTS} x {q['new_tokens']}",
                      f"{q['agreement']['int8']:.0%}", ">= 95%", q["agreement"]["int8"] >= 0.95))
+        if "decisions" in q:
+            rows.append((f"int8 next-token choices equal to float32's on its greedy text, {PROMPTS} x "
+                         f"{q['new_tokens']}", f"{q['decisions']['int8']:.1%}", "(reported)", True))
         if "qlora" in q:
             rise = q["qlora"]["int8"]["val_loss"] / q["qlora"]["fp32"]["val_loss"] - 1
             rows.append(("LoRA val loss, int8 base vs float32 base", f"{rise:+.2%}", "<= +2%", rise <= 0.02))
