@@ -4,10 +4,11 @@ this tree and a reference tree (by default the committed one, ``git archive HEAD
     python -m benchmarks.cli_startup
     python -m benchmarks.cli_startup --base /tmp/llmzoo-base --repeats 5 --scenario resume
 
-Scenarios: ``fresh`` (a tiny Llama from ``configs/llama.yaml``, a cached char tokenizer and token file) and
+Scenarios: ``fresh`` (a tiny Llama from ``configs/llama.yaml``, a cached char tokenizer and token file),
 ``resume`` (``fit --ckpt_path`` a checkpoint of a larger Llama, ``--embed_dim`` x ``--num_layers``, with its
 optimizer state, written by the reference tree: the model and data come from the checkpoint, which the CLI
-reads and Lightning restores).
+reads and Lightning restores) and ``error`` (``fit --model Llamma``: launch to the end of the process, which
+prints one error line).
 Each run is a fresh process (what ``llmzoo`` runs: ``llmzoo.cli.main``) with a callback that reports the time
 at ``on_train_batch_start`` and ends the process there. Two times: from just before the process is launched
 (starting Python and importing torch and Lightning included; on a machine that keeps little in its page
@@ -56,9 +57,10 @@ TINY = ["--model.embed_dim", "32", "--model.num_layers", "2", "--model.num_heads
         "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
 
 
-def llmzoo(tree: Path, work: Path, *args: str, probe: bool = True) -> tuple[float, float]:
+def llmzoo(tree: Path, work: Path, *args: str, probe: bool = True, fails: bool = False) -> tuple[float, float]:
     """Seconds from launching ``llmzoo ARGS`` with ``tree`` first on the path to its first training batch,
-    and from the end of its imports to that batch (without ``probe``: seconds to its end, twice)."""
+    and from the end of its imports to that batch (without ``probe``: seconds to its end, twice; ``fails``: it
+    must end with an ``llmzoo: error:`` line)."""
     callbacks = ["--trainer.callbacks+=llmzoo_startup_probe.FirstBatch"] if probe else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(work / "probe")]), "OMP_NUM_THREADS": "1",
            CLOCK: repr(time.time())}
@@ -66,7 +68,10 @@ def llmzoo(tree: Path, work: Path, *args: str, probe: bool = True) -> tuple[floa
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", COMMAND, *args, *callbacks], capture_output=True, text=True,
                             env=env, cwd=work, timeout=600)
-    if result.returncode != 0:
+    if fails:
+        if result.returncode != 1 or not result.stderr.strip().splitlines()[-1].startswith("llmzoo: error:"):
+            raise RuntimeError(f"llmzoo {' '.join(args)} did not fail with one line in {tree}:\n{result.stderr[-3000:]}")
+    elif result.returncode != 0:
         raise RuntimeError(f"llmzoo {' '.join(args)} failed in {tree}:\n{result.stderr[-3000:]}")
     if not probe:
         return (time.perf_counter() - start,) * 2
@@ -75,6 +80,9 @@ def llmzoo(tree: Path, work: Path, *args: str, probe: bool = True) -> tuple[floa
 
 
 def fit_args(tree: Path, work: Path, scenario: str, run: Path, checkpoint: Path | None) -> list[str]:
+    if scenario == "error":
+        return ["fit", "--model", "Llamma", "--data.path", str(work / "corpus.txt"), "--trainer.default_root_dir",
+                str(run)]
     if scenario == "resume":
         return ["fit", "--ckpt_path", str(checkpoint), "--trainer.max_steps", "2", "--trainer.default_root_dir",
                 str(run), "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
@@ -120,11 +128,13 @@ def measure(base: Path | None = None, scenarios: tuple[str, ...] = ("fresh", "re
         after_imports = {scenario: {name: [] for name in trees} for scenario in scenarios}
         for scenario in scenarios:
             for name, tree in trees.items():  # warm-up: caches, the file system's pages
-                llmzoo(tree, work, *fit_args(tree, work, scenario, work / "warm" / scenario / name, checkpoint))
+                llmzoo(tree, work, *fit_args(tree, work, scenario, work / "warm" / scenario / name, checkpoint),
+                       probe=scenario != "error", fails=scenario == "error")
             for turn in range(repeats):
                 for name, tree in trees.items():
                     run = work / "runs" / f"{scenario}-{name}-{turn}".replace(" ", "-")
-                    total, cli = llmzoo(tree, work, *fit_args(tree, work, scenario, run, checkpoint))
+                    total, cli = llmzoo(tree, work, *fit_args(tree, work, scenario, run, checkpoint),
+                                        probe=scenario != "error", fails=scenario == "error")
                     times[scenario][name].append(total)
                     after_imports[scenario][name].append(cli)
         size = checkpoint.stat().st_size / 2**20 if checkpoint else None
@@ -139,8 +149,9 @@ def report(result: dict) -> str:
     lines = [TITLE, f"{result['hardware']}; reference: {result['reference']}"]
     for scenario in result["times"]:
         extra = f" (checkpoint of {result['checkpoint_mib']:.0f} MiB)" if scenario == "resume" else ""
-        for what, key, ratio in (("launch to first batch", "times", "ratios"),
-                                 ("imports done to first batch", "after_imports", "after_imports_ratios")):
+        for what, key, ratio in ((("launch to the error line", "times", "ratios"),) if scenario == "error" else
+                                 (("launch to first batch", "times", "ratios"),
+                                  ("imports done to first batch", "after_imports", "after_imports_ratios"))):
             times = result[key][scenario]
             medians = ", ".join(f"{name} {statistics.median(t):.2f} s" for name, t in times.items())
             runs = "; ".join(f"{name}: {' '.join(f'{s:.2f}' for s in t)}" for name, t in times.items())
@@ -153,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cli_startup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, help="the reference tree (default: git archive HEAD)")
-    parser.add_argument("--scenario", nargs="+", choices=["fresh", "resume"], default=["fresh", "resume"])
+    parser.add_argument("--scenario", nargs="+", choices=["fresh", "resume", "error"],
+                        default=["fresh", "resume", "error"])
     parser.add_argument("--repeats", type=int, default=3, help="turns per tree and scenario (default: 3)")
     parser.add_argument("--embed_dim", type=int, default=512, help="resume: the checkpoint's model width")
     parser.add_argument("--num_layers", type=int, default=8, help="resume: the checkpoint's model depth")

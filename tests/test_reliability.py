@@ -384,6 +384,50 @@ def test_every_entry_point_taking_a_file_refuses_a_crafted_pickle_with_the_one_m
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.ckpt").exists()
 
 
+PREFLIGHT = """
+import sys
+from llmzoo.cli import main
+for args in sys.argv[1:]:
+    try:
+        main(args.split())
+    except SystemExit as stop:
+        print(stop)
+print("imported:", sorted(name for name in ("torch", "lightning", "jsonargparse", "llmzoo.models") if name in sys.modules))
+"""
+
+
+def test_a_mistyped_class_or_config_is_reported_before_torch_is_imported(tmp_path):
+    """``llmzoo fit --model Llamma`` answers in a fraction of a second: the preflight checks run before torch,
+    Lightning and jsonargparse are imported (benchmarks/cli_startup.py --scenario error times it)."""
+    (tmp_path / "lama.yaml").write_text("model:\n  class_path: Lama\n")
+    (tmp_path / "bad.yaml").write_text("model: [\n")
+    cases = {f"fit --model Llamma --data.path {tmp_path}": "--model Llamma is not a known class (did you mean Llama?)",
+             "fit --data=TextDataModul": "--data TextDataModul is not a known class (did you mean TextDataModule?)",
+             f"validate --config {tmp_path / 'lama.yaml'}": "--model Lama is not a known class (did you mean Llama?)",
+             f"fit --config {tmp_path / 'bad.yaml'}": f"{tmp_path / 'bad.yaml'} is not valid YAML",
+             f"fit -c {tmp_path / 'none.yaml'}": f"config file {tmp_path / 'none.yaml'} does not exist"}
+    result = subprocess.run([sys.executable, "-c", PREFLIGHT, *cases], capture_output=True, text=True, env=ENV,
+                            timeout=120, cwd=ROOT)
+    *messages, imported = result.stdout.strip().splitlines()
+    assert len(messages) == len(cases) and imported == "imported: []", result.stdout + result.stderr
+    for message, expected in zip(messages, cases.values()):
+        assert message.startswith(f"llmzoo: error: {expected}"), message
+    assert not list(tmp_path.glob("lightning_logs")) and not (ROOT / "lightning_logs").exists()
+
+
+def test_the_preflight_list_of_classes_is_the_registry():
+    from llmzoo.cli.preflight import KNOWN_CLASSES
+    from llmzoo.data import LanguageDataModule
+    from llmzoo.models import ARCHITECTURES
+
+    def subclasses(cls: type) -> set[type]:
+        return set().union(*({child} | subclasses(child) for child in cls.__subclasses__()))
+
+    assert set(KNOWN_CLASSES["model"]) == set(ARCHITECTURES)
+    public = {c.__name__ for c in subclasses(LanguageDataModule) if c.__module__.startswith("llmzoo.")}
+    assert set(KNOWN_CLASSES["data"]) == public
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_lightning_refusing_the_trainer_settings_is_one_line(corpus, tmp_path):
     message = error_line(*fit_args(corpus, tmp_path / "run", "text", "--trainer.accelerator", "gpu"))

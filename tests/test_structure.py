@@ -67,3 +67,27 @@ def test_layers_and_models_know_no_distribution_and_no_cli(room):
 def test_layers_know_no_lightning():
     for path in files("layers"):
         assert not {name for name in all_imports(path) if name.split(".")[0] == "lightning"}, path
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """What ``path`` imports when it is imported (not inside its functions)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_the_command_line_imports_torch_only_after_its_preflight_checks():
+    """``llmzoo`` reports a mistyped class or config file before it imports torch (docs/reliability.md): the
+    package, the CLI package and its entry point import only the standard library and the preflight checks,
+    which import only the standard library and yaml."""
+    import sys
+
+    stdlib = sys.stdlib_module_names | {"__future__"}
+    for path in (PACKAGE / "__init__.py", PACKAGE / "cli" / "__init__.py", PACKAGE / "cli" / "command.py"):
+        imported = {name for name in module_level_imports(path) if name.split(".")[0] not in stdlib}
+        assert imported <= {"llmzoo.cli.command", "llmzoo.cli.preflight"}, (path, imported)
+    assert {name.split(".")[0] for name in all_imports(PACKAGE / "cli" / "preflight.py")} <= stdlib | {"yaml"}

@@ -16,21 +16,32 @@
 - :mod:`~llmzoo.cli.chat`: ``llmzoo chat`` (a conversation with a fine-tuned model) and what ``generate --chat``
   shares with it;
 - :mod:`~llmzoo.cli.arguments`: the command line before and after jsonargparse;
-- :mod:`~llmzoo.cli.runs`: the rules of a run directory.
+- :mod:`~llmzoo.cli.runs`: the rules of a run directory;
+- :mod:`~llmzoo.cli.preflight`: the checks that run before torch and Lightning are imported.
 
-See docs/cli.md and docs/reliability.md.
+The names below are imported when first used, so that ``llmzoo`` reports a mistyped class or config file before
+it imports torch. See docs/cli.md and docs/reliability.md.
 """
 
-from llmzoo.checkpoints import is_checkpoint
-from llmzoo.cli.arguments import (LIST_OPTIONS, gather_lists, import_class, one_line, option_value,
-                                  with_checkpoint_classes)
-from llmzoo.cli.command import main
-from llmzoo.cli.conversion import convert, convert_parser
-from llmzoo.cli.generate import fitting_max_new_tokens, read_prompts
-from llmzoo.cli.lightning_cli import LLMZooCLI, LLMZooTrainer
-from llmzoo.cli.runs import RUN_INDEPENDENT, last_checkpoint, refuse_another_run, setting_changes
+import importlib
 
-__all__ = ["LIST_OPTIONS", "LLMZooCLI", "LLMZooTrainer", "RUN_INDEPENDENT", "convert", "convert_parser",
-           "fitting_max_new_tokens", "gather_lists", "import_class", "is_checkpoint", "last_checkpoint", "main",
-           "one_line", "option_value", "read_prompts", "refuse_another_run", "setting_changes",
-           "with_checkpoint_classes"]
+from llmzoo.cli.command import main
+
+_HOMES = {
+    "is_checkpoint": "llmzoo.checkpoints",
+    **dict.fromkeys(("LIST_OPTIONS", "gather_lists", "import_class", "one_line", "option_value",
+                     "with_checkpoint_classes"), "llmzoo.cli.arguments"),
+    **dict.fromkeys(("convert", "convert_parser"), "llmzoo.cli.conversion"),
+    **dict.fromkeys(("fitting_max_new_tokens", "read_prompts"), "llmzoo.cli.generate"),
+    **dict.fromkeys(("LLMZooCLI", "LLMZooTrainer"), "llmzoo.cli.lightning_cli"),
+    **dict.fromkeys(("RUN_INDEPENDENT", "last_checkpoint", "refuse_another_run", "setting_changes"),
+                    "llmzoo.cli.runs"),
+}
+
+__all__ = ["main", *_HOMES]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'llmzoo.cli' has no attribute {name!r}")

@@ -3,12 +3,12 @@ taken from ``--ckpt_path``'s checkpoint, and an error's message on one line."""
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import re
 from pathlib import Path
 
+from llmzoo.cli import preflight
 from llmzoo.checkpoints import (checkpoint_class_path, is_sharded_checkpoint, qualified_name, read_checkpoint,
                                sharded_checkpoint_error)
 from llmzoo.hf import config_from_hf, read_hf_config
@@ -75,39 +75,12 @@ def attach_negative_numbers(args: list[str]) -> list[str]:
     return attached
 
 
-def check_config_files(args: list[str]) -> None:
-    """Each ``--config`` / ``-c`` file exists and is valid YAML, or a one-line error naming the file and the place
-    (jsonargparse's own names no file: ``in "<unicode string>", line 2``)."""
-    import yaml
-
-    for i, arg in enumerate(args):
-        option, has_value, value = arg.partition("=")
-        if option not in ("--config", "-c") or not (has_value or i + 1 < len(args)):
-            continue
-        path = Path(value if has_value else args[i + 1])
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist: check the path (configs/ holds the presets)")
-        try:
-            yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ValueError(f"{path} is not valid YAML: {problem}{where}; fix the file") from None
-
-
 def given_vocab_size(args: list[str]) -> str | None:
     """A model ``vocab_size`` given on the command line or in a ``--config`` file (None: left to the link)."""
-    import yaml
-
     value = option_value(args, "--model.vocab_size") or option_value(args, "--model.init_args.vocab_size")
-    for i, arg in enumerate(args):
-        option, has_value, path = arg.partition("=")
-        if option in ("--config", "-c") and (has_value or i + 1 < len(args)):
-            config = yaml.safe_load(Path(path if has_value else args[i + 1]).read_text(encoding="utf-8")) or {}
-            model = config.get("model") if isinstance(config, dict) else None
-            if isinstance(model, dict):
-                value = (model.get("init_args") or {}).get("vocab_size", model.get("vocab_size", value))
+    for config in config_files(args):
+        if isinstance(model := config.get("model"), dict):
+            value = (model.get("init_args") or {}).get("vocab_size", model.get("vocab_size", value))
     return value
 
 
@@ -166,19 +139,16 @@ def one_line(error: BaseException) -> str:
 
 
 def unknown_class(option: str, name: str) -> str:
-    """``--model Lama``: the classes ``option`` takes and the closest to ``name``."""
+    """``--model Lama``: the classes ``option`` takes (those imported now, a program's own subclasses too) and the
+    closest to ``name``."""
     from llmzoo.data import LanguageDataModule
     from llmzoo.models import ARCHITECTURES
 
     def subclasses(cls: type) -> list[type]:
         return [sub for child in cls.__subclasses__() for sub in (child, *subclasses(child))]
 
-    names = sorted(ARCHITECTURES) if option == "model" else sorted({c.__name__ for c in subclasses(LanguageDataModule)})
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
-    guess = f" (did you mean {close[0]}?)" if close else ""
-    example = "my_module.MyModel" if option == "model" else "my_module.MyDataModule"
-    return (f"--{option} {name} is not a known class{guess}: use one of {', '.join(names)}, or the import path "
-            f"of your own subclass ({example})")
+    names = list(ARCHITECTURES) if option == "model" else list({c.__name__ for c in subclasses(LanguageDataModule)})
+    return preflight.unknown_class(option, name, names)
 
 
 def config_files(args: list[str]) -> list[dict]:
@@ -186,11 +156,9 @@ def config_files(args: list[str]) -> list[dict]:
     import yaml
 
     files = []
-    for i, arg in enumerate(args):
-        option, has_value, path = arg.partition("=")
-        if option in ("--config", "-c") and (has_value or i + 1 < len(args)):
-            config = yaml.safe_load(Path(path if has_value else args[i + 1]).read_text(encoding="utf-8"))
-            files.append(config if isinstance(config, dict) else {})
+    for path in preflight.config_paths(args):
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        files.append(config if isinstance(config, dict) else {})
     return files
 
 

@@ -9,44 +9,63 @@ import sys
 import warnings
 from argparse import ArgumentError
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-from llmzoo.cli.arguments import check_config_files, one_line
-from llmzoo.cli.chat import run_chat
-from llmzoo.cli.conversion import run_convert
-from llmzoo.cli.evaluate import run_evaluate
-from llmzoo.cli.lightning_cli import LLMZooCLI
+from llmzoo.cli.preflight import preflight
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``llmzoo`` console script and ``python -m llmzoo``. Bad input (a missing file, a
     wrong option or setting, a run directory of another run, a non-finite loss) ends with a one-line error
     and exit status 1; ``LLMZOO_DEBUG=1`` shows the traceback instead. See docs/reliability.md. ``convert`` and
-    ``evaluate`` run here, before LightningCLI starts (they need no data or Trainer), and exit with status 0."""
-    quiet_third_party_noise()
+    ``evaluate`` run here, before LightningCLI starts (they need no data or Trainer), and exit with status 0.
+    The checks of :mod:`llmzoo.cli.preflight` run before torch and Lightning are imported."""
     try:
-        check_config_files(sys.argv[1:] if args is None else args)
-        if (sys.argv[1:] if args is None else args)[:1] == ["convert"]:
-            run_convert(list(sys.argv[2:] if args is None else args[1:]))
-            sys.exit(0)  # as --help does: the command is done
-        if (sys.argv[1:] if args is None else args)[:1] == ["evaluate"]:  # no data or Trainer either
-            run_evaluate(list(sys.argv[2:] if args is None else args[1:]))
-            sys.exit(0)
-        if (sys.argv[1:] if args is None else args)[:1] == ["chat"]:  # nor does chat
-            run_chat(list(sys.argv[2:] if args is None else args[1:]))
-            sys.exit(0)
-        LLMZooCLI(args=args)
+        preflight(sys.argv[1:] if args is None else args)
+        run(args)
     except (ArgumentError, OSError, ValueError, FloatingPointError,  # FileExistsError (convert), ...
-            MisconfigurationException) as error:  # Lightning's: --trainer.accelerator gpu without a GPU, ...
+            *refused_by_libraries()) as error:  # Lightning's: --trainer.accelerator gpu without a GPU, ...
         if os.environ.get("LLMZOO_DEBUG"):
             raise
-        hint = " (llmzoo --help lists the subcommands, llmzoo fit --help their options)" if isinstance(
-            error, ArgumentError) else ""
+        sys.exit(f"llmzoo: error: {message_of(error)}")
+
+
+def refused_by_libraries() -> tuple[type[BaseException], ...]:
+    """The exception classes of Lightning a user's settings cause, where Lightning is imported already."""
+    if "lightning" not in sys.modules:
+        return ()
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return (MisconfigurationException,)
+
+
+def message_of(error: BaseException) -> str:
+    hint = " (llmzoo --help lists the subcommands, llmzoo fit --help their options)" if isinstance(
+        error, ArgumentError) else ""
+    if "llmzoo.cli.arguments" in sys.modules:  # jsonargparse's nested messages: the parser has run
+        from llmzoo.cli.arguments import one_line
+
         message = one_line(error)
-        if isinstance(error, MisconfigurationException):
-            message = (f"{message.rstrip('!.')}: Lightning refused the trainer settings (check --trainer.accelerator, "
-                       f"--trainer.devices, --trainer.strategy)")
-        sys.exit(f"llmzoo: error: {message}{hint}")
+    else:  # a preflight check's
+        message = " ".join(str(error).split())
+    if type(error).__name__ == "MisconfigurationException":
+        message = (f"{message.rstrip('!.')}: Lightning refused the trainer settings (check --trainer.accelerator, "
+                   f"--trainer.devices, --trainer.strategy)")
+    return f"{message}{hint}"
+
+
+def run(args: list[str] | None) -> None:
+    """The command itself: llmzoo's own commands (no data or Trainer) here, Lightning's in LightningCLI."""
+    from llmzoo.cli.chat import run_chat
+    from llmzoo.cli.conversion import run_convert
+    from llmzoo.cli.evaluate import run_evaluate
+    from llmzoo.cli.lightning_cli import LLMZooCLI
+
+    quiet_third_party_noise()
+    argv = sys.argv[1:] if args is None else list(args)
+    own = {"convert": run_convert, "evaluate": run_evaluate, "chat": run_chat}
+    if argv[:1] and argv[0] in own:
+        own[argv[0]](argv[1:])
+        sys.exit(0)  # as --help does: the command is done
+    LLMZooCLI(args=args)
 
 
 def quiet_third_party_noise() -> None:
