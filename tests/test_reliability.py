@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -227,6 +228,10 @@ def bad_inputs(corpus: Path, trained: Path, tmp: Path) -> dict[str, tuple[list, 
     Runs go to ``tmp / "run"``, which must not exist afterwards."""
     run = tmp / "run"
     (tmp / "empty.txt").write_text("")
+    (tmp / "random.bin").write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                                   dtype=torch.uint8).numpy().tobytes())
+    (tmp / "short.txt").write_text("tiny\n")
+    stream = fit_args(corpus, run, "stream", "--data.num_workers", "0")
     (tmp / "bad.yaml").write_text("model:\n  class_path: llmzoo.Llama\n   init_args: [\n")
     truncated, garbage, crafted = tmp / "truncated.ckpt", tmp / "garbage.ckpt", tmp / "crafted.ckpt"
     truncated.write_bytes(trained.read_bytes()[:trained.stat().st_size // 2])
@@ -244,6 +249,13 @@ def bad_inputs(corpus: Path, trained: Path, tmp: Path) -> dict[str, tuple[list, 
         "missing corpus path": ([*fit, "--data.path", tmp / "missing.txt"],
                                 f"data path '{tmp / 'missing.txt'}' does not exist: give text files, folders or globs"),
         "empty corpus": ([*fit, "--data.path", tmp / "empty.txt"], "the corpus is empty: the 1 file(s) of --data.path"),
+        "binary corpus": ([*fit, "--data.path", tmp / "random.bin"],
+                          f"{tmp / 'random.bin'} does not look like text: its start holds NUL bytes"),
+        "corpus smaller than a window": ([*fit, "--data.path", tmp / "short.txt"],
+                                         "the corpus holds 6 tokens, 5 of them for training: fewer than one window of "
+                                         "--data.seq_len + 1 = 17"),
+        "streaming without max_steps": ([*stream, "--trainer.max_steps", "-1"],
+                                        "StreamingTextDataModule streams forever: set --trainer.max_steps"),
         "unknown config key": ([*fit, "--model.embed_dimm", "32"], "--model: Option 'embed_dimm' is not accepted"),
         "unknown trainer key": ([*fit, "--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
         "wrong type": ([*fit, "--trainer.max_steps", "many"], "--trainer.max_steps: Expected int. Got value: many"),
@@ -327,7 +339,7 @@ def test_every_bad_input_is_one_line_naming_problem_and_fix_and_writes_nothing(c
         assert not (tmp_path / "run").exists(), f"{name} wrote {list((tmp_path / 'run').rglob('*'))}"
     assert not (tmp_path / "pwned").exists()  # the crafted pickle never ran
     assert {p: p.stat().st_mtime_ns for p in trained.parents[1].rglob("*")} == before  # the other run untouched
-    assert len(cases) == 30
+    assert len(cases) == 33
 
 
 def test_every_entry_point_taking_a_file_refuses_a_crafted_pickle_with_the_one_message(corpus, trained, tmp_path):
@@ -469,20 +481,41 @@ def test_a_run_directory_is_resumed_or_restarted_by_the_same_run_and_used_by_ano
 
 
 def test_non_utf8_bytes_are_replaced_and_counted_in_a_warning(tmp_path):
-    raw = "caf\u00e9 ".encode() + b"\xff\xfe ok \xc3(" + b"\n"  # 3 invalid bytes: ff, fe, and c3 before "("
+    raw = "caf\u00e9 ".encode() + b"\xff\xfe ok \xc3(" + b" and plain text after it\n"  # 3 invalid: ff, fe, c3
     (tmp_path / "latin.txt").write_bytes(raw * 50)
+    (tmp_path / "latin2.txt").write_bytes(raw * 50)
     with gzip.open(tmp_path / "docs.jsonl.gz", "wb") as f:
         f.write(b'{"text": "a\xffb"}\n')
     with pytest.warns(UserWarning, match=r"latin.txt: 150 bytes are not UTF-8 and were read as U\+FFFD; re-encode"):
         text = "".join(piece for piece, _ in read_pieces(tmp_path / "latin.txt"))
-    assert text == "caf\u00e9 \ufffd\ufffd ok \ufffd(\n" * 50
+    assert text == "caf\u00e9 \ufffd\ufffd ok \ufffd( and plain text after it\n" * 50
     with pytest.warns(UserWarning, match="docs.jsonl.gz: 1 bytes are not UTF-8"):
         assert list(read_pieces(tmp_path / "docs.jsonl.gz")) == [("a\ufffdb", True)]
-    dm = TextDataModule(str(tmp_path / "latin.txt"), tokenizer="char", seq_len=8, batch_size=2,
+    dm = TextDataModule(str(tmp_path / "latin2.txt"), tokenizer="char", seq_len=8, batch_size=2,
                         cache_dir=str(tmp_path / "cache"))
-    with pytest.warns(UserWarning, match="150 bytes are not UTF-8"):
-        dm.prepare_data()  # trains the tokenizer, then tokenizes: no crash
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.prepare_data()  # trains the tokenizer, then tokenizes (the file read twice): no crash, one warning
+    assert [str(w.message).split(": ", 1)[1][:30] for w in caught if "UTF-8" in str(w.message)] == [
+        "150 bytes are not UTF-8 and we"]
     assert dm.tokenizer.decode(dm.tokenizer.encode("\ufffd")) == "\ufffd"
+
+
+def test_a_file_that_is_not_text_is_refused_unless_allowed(tmp_path):
+    noise = torch.randint(0, 256, (100_000,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    (tmp_path / "noise.bin").write_bytes(noise.numpy().tobytes())
+    (tmp_path / "utf16.txt").write_bytes("UTF-16 text, as Windows tools write it\n".encode("utf-16") * 10)
+    (tmp_path / "nonul.bin").write_bytes(bytes(b for b in noise.tolist() if b))  # mostly invalid, no NUL
+    for name, why in (("noise.bin", "holds NUL bytes"), ("utf16.txt", "holds NUL bytes"),
+                      ("nonul.bin", r"is 43% bytes that are not UTF-8")):
+        dm = TextDataModule(str(tmp_path / name), tokenizer="char", cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(ValueError, match=rf"{name} does not look like text: its start {why}.*--data.allow_binary"):
+            dm.vocab_size
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("tokenizer-*"))
+    allowed = TextDataModule(str(tmp_path / "noise.bin"), tokenizer="char", cache_dir=str(tmp_path / "cache"),
+                             allow_binary=True)
+    with pytest.warns(UserWarning, match="bytes are not UTF-8"):
+        assert allowed.vocab_size > 100
 
 
 def test_the_datamodule_refuses_a_model_that_cannot_read_it(tmp_path, corpus):

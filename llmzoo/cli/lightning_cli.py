@@ -224,6 +224,7 @@ class LLMZooCLI(LightningCLI):
             raise sharded_checkpoint_error(ckpt_path)  # only the strategy that wrote the shards reads them
         if isinstance(self.datamodule, LanguageDataModule):
             self.datamodule.check_model(self.model)  # here: a failing trainer.fit would have written logs
+            self.datamodule.check_run(self.trainer, self.subcommand)
             checkpoint = self.checkpoint(ckpt_path)
             trained = checkpoint and (checkpoint.get("hyper_parameters") or {}).get("vocab_size")
             if trained is not None and trained != self.datamodule.vocab_size:

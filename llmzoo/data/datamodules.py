@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from llmzoo.data.datasets import PackedStream, Progress, ResumableLoader, TokenWindows, tokenize_pieces
-from llmzoo.data.sources import cache_dir, cache_key, one_at_a_time, read_pieces, resolve_files
+from llmzoo.data.sources import (cache_dir, cache_key, check_text_files, one_at_a_time, read_pieces,
+                                 resolve_files)
 from llmzoo.data.token_bytes import token_byte_lengths
 from llmzoo.files import write_atomic
 from llmzoo.data.tokenizer import Tokenizer, load_tokenizer_for_checkpoint
@@ -43,7 +44,7 @@ class LanguageDataModule(L.LightningDataModule):
 
     def __init__(self, path: str | list[str] | None = None, seq_len: int = 256, batch_size: int = 16,
                  num_workers: int = 0, tokenizer: str = "bpe", bpe_vocab_size: int = 8192, text_field: str = "text",
-                 seed: int = 0, cache_dir: str | None = None):
+                 seed: int = 0, cache_dir: str | None = None, allow_binary: bool = False):
         super().__init__()
         if seq_len < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError(f"--data.seq_len={seq_len}, --data.batch_size={batch_size}, --data.num_workers="
@@ -62,6 +63,8 @@ class LanguageDataModule(L.LightningDataModule):
         if not any(file.stat().st_size for file in files):
             raise ValueError(f"the corpus is empty: the {len(files)} file(s) of --data.path {self.hparams.path!r} "
                              f"hold no text; give files with text")
+        if not self.hparams.get("allow_binary", False):  # (the JSON-reading modules take no such flag)
+            check_text_files(files)
         return files
 
     def training_text(self) -> Iterator[str]:
@@ -100,6 +103,11 @@ class LanguageDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
             self.check_model(self.trainer.lightning_module)
+            self.check_run(self.trainer, stage)
+
+    def check_run(self, trainer: L.Trainer, stage: str) -> None:
+        """Raises a ``ValueError`` unless this data can feed ``trainer``'s ``stage`` (``"fit"``, ...): what it can
+        check before the trainer starts (the CLI calls it then; ``setup`` calls it too). Here: nothing."""
 
     def check_model(self, model: L.LightningModule) -> None:
         """Raises a ``ValueError`` unless ``model`` can read this data: every token id below its ``vocab_size``,
@@ -168,11 +176,11 @@ class TextDataModule(LanguageDataModule):
 
     def __init__(self, path: str | list[str] | None = None, val_fraction: float = 0.1, seq_len: int = 256,
                  batch_size: int = 16, num_workers: int = 0, tokenizer: str = "bpe", bpe_vocab_size: int = 8192,
-                 text_field: str = "text", seed: int = 0, cache_dir: str | None = None):
+                 text_field: str = "text", seed: int = 0, cache_dir: str | None = None, allow_binary: bool = False):
         if not 0.0 <= val_fraction <= 1.0:
             raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1")
         super().__init__(path, seq_len, batch_size, num_workers, tokenizer, bpe_vocab_size, text_field, seed,
-                         cache_dir)
+                         cache_dir, allow_binary)
         self.train_tokens = self.val_tokens = None
 
     def token_file(self) -> Path:
@@ -208,10 +216,21 @@ class TextDataModule(LanguageDataModule):
         self.token_file()
 
     def setup(self, stage: str) -> None:
-        super().setup(stage)
         tokens = np.memmap(self.token_file(), dtype=self.token_dtype, mode="r")
         split = len(tokens) - int(len(tokens) * self.hparams.val_fraction)
         self.train_tokens, self.val_tokens = tokens[:split], tokens[split:]
+        super().setup(stage)
+
+    def check_run(self, trainer: L.Trainer, stage: str) -> None:
+        """Training needs one window of ``seq_len + 1`` tokens in the training split (tokenizing the corpus
+        into its cache first, as ``prepare_data`` does)."""
+        if stage == "fit":
+            tokens = self.token_file().stat().st_size // np.dtype(self.token_dtype).itemsize
+            train = tokens - int(tokens * self.hparams.val_fraction)
+            if train < self.hparams.seq_len + 1:
+                raise ValueError(f"the corpus holds {tokens} tokens, {train} of them for training: fewer than one "
+                                 f"window of --data.seq_len + 1 = {self.hparams.seq_len + 1}; give more text or a "
+                                 f"shorter --data.seq_len")
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self.rank_and_world_size
@@ -242,9 +261,9 @@ class StreamingTextDataModule(LanguageDataModule):
     def __init__(self, path: str | list[str] | None = None, val_path: str | list[str] | None = None,
                  seq_len: int = 256, batch_size: int = 16, num_workers: int = 0, shuffle_buffer: int = 10_000,
                  tokenizer: str = "bpe", bpe_vocab_size: int = 8192, tokenizer_train_chars: int = 100_000_000,
-                 text_field: str = "text", seed: int = 0, cache_dir: str | None = None):
+                 text_field: str = "text", seed: int = 0, cache_dir: str | None = None, allow_binary: bool = False):
         super().__init__(path, seq_len, batch_size, num_workers, tokenizer, bpe_vocab_size, text_field, seed,
-                         cache_dir)
+                         cache_dir, allow_binary)
 
     def training_text(self) -> Iterator[str]:
         remaining = self.hparams.tokenizer_train_chars
@@ -257,9 +276,8 @@ class StreamingTextDataModule(LanguageDataModule):
     def tokenizer_cache_key(self) -> str:
         return cache_key([], super().tokenizer_cache_key(), self.hparams.tokenizer_train_chars)
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit" and self.trainer is not None and self.trainer.max_steps < 0:
+    def check_run(self, trainer: L.Trainer, stage: str) -> None:
+        if stage == "fit" and trainer.max_steps < 0:
             raise ValueError("StreamingTextDataModule streams forever: set --trainer.max_steps "
                              "(and an integer --trainer.val_check_interval)")
 

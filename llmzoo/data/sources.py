@@ -97,9 +97,29 @@ def read_pieces(path: Path, text_field: str = "text", chunk_chars: int = CHUNK_C
     read as U+FFFD and counted in a warning."""
     invalid_before = _invalid_utf8_bytes[0]
     yield from _read_pieces(path, text_field, chunk_chars)
-    if invalid := _invalid_utf8_bytes[0] - invalid_before:
+    if (invalid := _invalid_utf8_bytes[0] - invalid_before) and path not in _warned:
+        _warned.add(path)  # once per file and process (a tokenizer is trained on the text, then it is tokenized)
         warnings.warn(f"{path}: {invalid} bytes are not UTF-8 and were read as U+FFFD; re-encode the "
                       f"file as UTF-8 to keep its text", stacklevel=2)
+
+
+_warned: set[Path] = set()
+SNIFF_BYTES, MOST_INVALID = 65536, 0.1
+
+
+def check_text_files(files: list[Path]) -> None:
+    """Refuse a file that is not text: one whose first 64 KiB (decompressed, for ``.gz``) hold a NUL byte or
+    are more than 10% bytes that are not UTF-8, as a binary file, a UTF-16 text or a wrong path are.
+    ``--data.allow_binary true`` reads such files anyway (their invalid bytes as U+FFFD, counted)."""
+    for path in files:
+        with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+            sample = f.read(SNIFF_BYTES)
+        text = sample[:-3] if len(sample) == SNIFF_BYTES else sample  # not a character cut in two
+        invalid = len(text) - len(text.decode("utf-8", errors="ignore").encode("utf-8"))
+        if b"\0" in sample or invalid > MOST_INVALID * len(text):
+            what = "holds NUL bytes" if b"\0" in sample else f"is {invalid / len(text):.0%} bytes that are not UTF-8"
+            raise ValueError(f"{path} does not look like text: its start {what} (a binary or UTF-16 file?); give "
+                             f"UTF-8 text files, or --data.allow_binary true to read it anyway")
 
 
 def _read_pieces(path: Path, text_field: str, chunk_chars: int) -> Iterator[tuple[str, bool]]:
