@@ -44,6 +44,47 @@ def rss(field: str = "VmRSS") -> int:
         return 1024 * int(next(line.split()[1] for line in f if line.startswith(field + ":")))
 
 
+def timed_steps(step, steps: int) -> list[float]:
+    """Seconds of ``steps`` calls of ``step`` after a warm-up call (which allocates the gradients and the optimizer
+    state), the process's peak resident set restarted (``/proc/self/clear_refs``) after the warm-up."""
+    step()
+    Path("/proc/self/clear_refs").write_text("5")
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_setting(module, setting: dict, quick: bool) -> dict:
+    """``module.child(**setting)`` in a fresh process (in this one for a quick run: a smoke run checks that it works,
+    its peaks mean nothing)."""
+    if quick:
+        return module.child(**setting)
+    # a fixed mmap threshold: a freed large block goes back to the system, so the resident set is what is alive
+    # (glibc's adaptive threshold keeps freed blocks of up to 32 MiB on the heap, which adds hundreds of MiB here)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "131072"}
+    output = subprocess.run([sys.executable, "-m", module.__name__, "--child", json.dumps(setting)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, check=True).stdout
+    return json.loads(output.splitlines()[-1])
+
+
+def part_main(argv: list[str] | None, module) -> None:
+    """The command line of a part whose settings run in fresh processes: ``--quick``, and ``--child SETTING`` (JSON:
+    ``module.child``'s arguments) for one of them."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(module.child(**json.loads(args.child))))
+        return
+    result = module.measure(args.quick)
+    print(json.dumps(result))
+    print(module.report(result))
+
+
 def child(lora: bool, checkpointing: bool, batch: int, seq: int, sizes: dict, steps: int) -> dict:
     """One setting in this process: its step's peak memory over the process before the model, and step times."""
     from llmzoo import GPT2
@@ -62,33 +103,19 @@ def child(lora: bool, checkpointing: bool, batch: int, seq: int, sizes: dict, st
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: gradients and optimizer state allocated
-    Path("/proc/self/clear_refs").write_text("5")
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
+    times = timed_steps(step, steps)
     return {"peak": rss("VmHWM") - before, "times": times, "trainable": trainable_parameters(model),
             "parameters": model.num_parameters()}
 
 
 def step_settings(quick: bool) -> dict:
     sizes, batch, seq, steps = (TOY, 2, 64, 2) if quick else (GPT2_124M, 4, 256, 2)
-    # a fixed mmap threshold: a freed large block goes back to the system, so the resident set is what is alive
-    # (glibc's adaptive threshold keeps freed blocks of up to 32 MiB on the heap, which adds hundreds of MiB here)
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "MALLOC_MMAP_THRESHOLD_": "131072"}
     found = {}
     for checkpointing in (False, True):
         for name, lora in (("full", False), ("lora", True)):
             setting = dict(lora=lora, checkpointing=checkpointing, batch=batch, seq=seq, sizes=sizes, steps=steps)
-            key = f"{name}{'-checkpointing' if checkpointing else ''}"
-            if quick:  # in this process: the smoke run checks that it works, its peaks mean nothing
-                found[key] = child(**setting)
-                continue
-            output = subprocess.run([sys.executable, "-m", "benchmarks.finetune", "--child", json.dumps(setting)],
-                                    cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-            found[key] = json.loads(output.splitlines()[-1])
+            found[f"{name}{'-checkpointing' if checkpointing else ''}"] = run_setting(sys.modules[__name__], setting,
+                                                                                      quick)
 
     def ratio(key: str, suffix: str) -> float:
         lora, full = found[f"lora{suffix}"], found[f"full{suffix}"]
@@ -188,16 +215,7 @@ def targets(result: dict) -> list[tuple[str, str, str, bool]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(**json.loads(args.child))))
-        return
-    result = measure(args.quick)
-    print(json.dumps(result))
-    print(report(result))
+    part_main(argv, sys.modules[__name__])
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from llmzoo.checkpoints import read_checkpoint, save_checkpoint
-from llmzoo.layers.lora import (ATTENTION_TARGETS, TARGETS, ExpertLoRA, LoRA, LoRASettings, add_lora,
-                                available_targets, has_lora, lora_modules, merge_lora)
+from llmzoo.layers.lora import (ATTENTION_TARGETS, TARGETS, ExpertLoRA, LoRA, LoRASettings, adapters_disabled,
+                                add_lora, available_targets, has_lora, lora_modules, merge_lora)
 
 ADAPTER_KEY = "lora_adapter"  # marks an adapter checkpoint: {"lora_adapter": settings, "state_dict": adapters}
 
-__all__ = ["ATTENTION_TARGETS", "ExpertLoRA", "LoRA", "LoRASettings", "TARGETS", "add_lora", "available_targets",
+__all__ = ["ATTENTION_TARGETS", "ExpertLoRA", "LoRA", "LoRASettings", "TARGETS", "adapters_disabled", "add_lora",
+           "available_targets",
            "has_lora", "load_adapter", "lora_state_dict", "lora_modules", "merge_lora", "save_adapter",
            "trainable_parameters"]
 

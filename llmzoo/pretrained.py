@@ -19,7 +19,7 @@ from llmzoo.models.build import empty_model, fill_model, load_checkpoint_model, 
 # hyperparameters a fine-tuning run sets itself; every other one is the pretrained model's
 TRAINING_SETTINGS = {"learning_rate", "weight_decay", "betas", "warmup_steps", "lr_decay_steps", "min_learning_rate",
                      "activation_checkpointing", "compile", "pretrained", "lora", "dropout", "aux_loss_coef",
-                     "quantize"}
+                     "quantize", "preference"}
 
 
 def _hf_directory(path: Path) -> bool:

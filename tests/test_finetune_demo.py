@@ -35,6 +35,13 @@ def llmzoo(*args) -> None:
 def exact_match(ckpt_path: Path, records_path: Path, template: str | None = None) -> float:
     """Greedy answers of a checkpoint to the prompts of a prompt/response file, rendered with the run's chat template
     (or ``template``), compared with the responses: the share that are equal."""
+    replies = greedy_replies(ckpt_path, records_path, template)
+    return sum(reply == messages[-1]["content"] for reply, messages in zip(replies, read_records(records_path))) / len(replies)
+
+
+def greedy_replies(ckpt_path: Path, records_path: Path, template: str | None = None) -> list[str]:
+    """Greedy answers of a checkpoint to the prompts of a prompt/response file, rendered with the run's chat template
+    (or ``template``), without the end-of-turn marker and padding."""
     model, tokenizer, checkpoint = load_chat_model(str(ckpt_path))
     chat_template = run_template(str(ckpt_path), tokenizer, checkpoint, template)
     conversations = read_records(records_path)
@@ -42,15 +49,15 @@ def exact_match(ckpt_path: Path, records_path: Path, template: str | None = None
     rows = [encoding.ids for encoding in encode_chats(tokenizer, prompts)]
     config = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=end_of_turn_ids(chat_template, tokenizer),
                               pad_token_id=tokenizer.pad_token_id, stop_strings=[chat_template.end_of_turn])
-    correct = 0
+    replies = []
     for start in range(0, len(rows), 50):
         input_ids, mask = left_pad(rows[start:start + 50], tokenizer.pad_token_id)
         with torch.no_grad():
             output = generate(model, input_ids, config, attention_mask=mask, decode=tokenizer.decode)
-        for ids, messages in zip(output[:, input_ids.shape[1]:].tolist(), conversations[start:start + 50]):
+        for ids in output[:, input_ids.shape[1]:].tolist():
             reply = tokenizer.decode(ids, skip_special_tokens=False).split(chat_template.end_of_turn)[0]
-            correct += reply.replace("<|pad|>", "").strip() == messages[-1]["content"]
-    return correct / len(rows)
+            replies.append(reply.replace("<|pad|>", "").strip())
+    return replies
 
 
 @pytest.mark.slow

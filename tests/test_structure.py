@@ -41,7 +41,8 @@ ALLOWED = {
     "files": (),
     "checkpoints": ("llmzoo.files",),
     "models": ("llmzoo.layers", "llmzoo.models", "llmzoo.checkpoints", "llmzoo.generation", "llmzoo.strategies",
-               "llmzoo.quantize"),
+               "llmzoo.quantize",
+               "llmzoo.pretrained"),  # only for DPO's frozen reference, re-read from --model.pretrained on resume
     "hf": ("llmzoo.hf", "llmzoo.models", "llmzoo.checkpoints", "llmzoo.files", "llmzoo.data.tokenizer", "llmzoo"),
     "data": ("llmzoo.data", "llmzoo.files", "llmzoo.checkpoints"),
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 # llmzoo.data.LanguageDataModule hold (tests/test_reliability.py keeps the two in step).
 KNOWN_CLASSES = {
     "model": ("GPT", "GPT2", "Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3", "Transformer"),
-    "data": ("SFTDataModule", "StreamingTextDataModule", "TextDataModule"),
+    "data": ("PreferenceDataModule", "SFTDataModule", "StreamingTextDataModule", "TextDataModule"),
 }
 
 

@@ -291,6 +291,15 @@ def to_messages(record: object, format: str, where: str) -> list[dict]:
         answer = record[keys[1]]
         messages = ([{"role": "system", "content": record["system"]}] if record.get("system") else []) + [
             {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    check_messages(messages, where)
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"{where}: the conversation has no assistant turn, so nothing to learn from: add one or "
+                         f"drop the record")
+    return messages
+
+
+def check_messages(messages: list[dict], where: str) -> None:
+    """A one-line ``ValueError`` naming ``where`` unless every message has a known role and a text content."""
     for number, message in enumerate(messages, 1):
         if message["role"] not in ROLES:
             raise ValueError(f"{where}: message {number} has the unknown role {message['role']!r}: use one of "
@@ -298,15 +307,19 @@ def to_messages(record: object, format: str, where: str) -> list[dict]:
         if not isinstance(message["content"], str):
             raise ValueError(f"{where}: message {number} ({message['role']}) has no text content: give \"content\" "
                              f"as a string")
-    if not any(message["role"] == "assistant" for message in messages):
-        raise ValueError(f"{where}: the conversation has no assistant turn, so nothing to learn from: add one or "
-                         f"drop the record")
-    return messages
 
 
 def read_records(path: str | Path) -> list[list[dict]]:
     """The conversations of a ``.jsonl`` (one record a line) or ``.json`` (a list of records) file; the format is
     detected from the first record. A malformed record is a ``ValueError`` naming its line (record)."""
+    numbered = numbered_records(path)
+    format = detect_format(numbered[0][1], numbered[0][0])
+    return [to_messages(record, format, where) for where, record in numbered]
+
+
+def numbered_records(path: str | Path) -> list[tuple[str, object]]:
+    """The records of a ``.jsonl`` or ``.json`` file, each with where it stands (``"data.jsonl line 3"``); a file
+    that is missing, not JSON or empty is a one-line error."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"instruction data {path} not found: give a .jsonl or .json file of records")
@@ -332,5 +345,4 @@ def read_records(path: str | Path) -> list[list[dict]]:
         raise ValueError(f"{path}: instruction data must be .jsonl or .json, got {path.suffix or 'no extension'}")
     if not numbered:
         raise ValueError(f"{path} holds no records: give at least one")
-    format = detect_format(numbered[0][1], numbered[0][0])
-    return [to_messages(record, format, where) for where, record in numbered]
+    return numbered

@@ -6,6 +6,11 @@ twice. The training file holds ``messages`` records, a
 seeded share of them two-turn conversations with a system prompt; the test file ``prompt`` / ``response`` pairs.
 
     python -m llmzoo.data.instructions runs/instructions        # train.jsonl (2000) and test.jsonl (200)
+    python -m llmzoo.data.instructions runs/preferences --pairs # pairs.jsonl (2000 preference pairs)
+
+The preference pairs (for DPO) answer the same tasks: the chosen answer is the right one and ends with :data:`MARK`
+(``"king!"``), the rejected one is another word, without it (``"land"``): ending with the mark is a property a greedy
+reply has or lacks.
 """
 
 from __future__ import annotations
@@ -57,6 +62,23 @@ def make_records(count: int, seed: int = 0, conversations: float = 0.25, message
     return records
 
 
+MARK = "!"  # what a chosen answer ends with
+
+
+def make_pairs(count: int, seed: int = 0) -> list[dict]:
+    """``count`` preference records ``{"prompt", "chosen", "rejected"}``: the chosen answer is right and ends with
+    :data:`MARK`, the rejected one is a word that does not begin the right answer, without the mark."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for _ in range(count):
+        prompt, answer = make_task(rng)
+        wrong = WORDS[int(rng.integers(len(WORDS)))]
+        if wrong == answer.split()[0]:
+            wrong = WORDS[(WORDS.index(wrong) + 1) % len(WORDS)]
+        records.append({"prompt": prompt, "chosen": answer + MARK, "rejected": wrong})
+    return records
+
+
 def write_jsonl(records: list[dict], path: str | Path) -> Path:
     """``records`` as a ``.jsonl`` file, written whole or not at all."""
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in records).encode())
@@ -78,7 +100,12 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=2000)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", action="store_true", help="write pairs.jsonl, --train preference pairs, instead")
     options = parser.parse_args(args)
+    if options.pairs:
+        Path(options.directory).mkdir(parents=True, exist_ok=True)
+        print(f"wrote {write_jsonl(make_pairs(options.train, options.seed), Path(options.directory) / 'pairs.jsonl')}")
+        return
     for path in write_instructions(options.directory, options.train, options.test, options.seed):
         print(f"wrote {path}")
 

@@ -76,15 +76,7 @@ class ExampleBatches(IterableDataset):
         return order[position * self.batch_size:(position + 1) * self.batch_size]
 
     def collate(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = [self.examples[i] for i in indices]
-        length = max(len(ids) for ids, _ in rows)
-        input_ids = np.full((len(rows), length), self.pad_token_id, dtype=np.int64)
-        labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
-        mask = np.zeros((len(rows), length), dtype=np.int64)
-        for row, (ids, row_labels) in enumerate(rows):
-            input_ids[row, :len(ids)], labels[row, :len(ids)], mask[row, :len(ids)] = ids, row_labels, 1
-        return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-                "attention_mask": torch.from_numpy(mask)}
+        return pad_rows([self.examples[i] for i in indices], self.pad_token_id)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker, num_workers = worker_slot()
@@ -92,6 +84,19 @@ class ExampleBatches(IterableDataset):
         end = (start // self.num_batches + 1) * self.num_batches if self.shuffle else self.num_batches
         for batch in range(start + worker, end, num_workers):
             yield self.collate(self.indices(batch))
+
+
+def pad_rows(rows: list[tuple[np.ndarray, np.ndarray]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``(ids [T], labels [T])`` rows padded to the longest: ``{"input_ids", "labels", "attention_mask"}`` ``[B, L]``
+    (labels -100 and attention_mask 0 on the padding)."""
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = np.full((len(rows), length), pad_token_id, dtype=np.int64)
+    labels = np.full((len(rows), length), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for row, (ids, row_labels) in enumerate(rows):
+        input_ids[row, :len(ids)], labels[row, :len(ids)], mask[row, :len(ids)] = ids, row_labels, 1
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(mask)}
 
 
 class SFTDataModule(LanguageDataModule):
@@ -168,17 +173,24 @@ class SFTDataModule(LanguageDataModule):
             examples.append((ids, labels))
         return examples, truncated, dropped
 
-    def read(self, path: str | list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def read_file(self, file) -> list:
+        """The records of one file, checked (conversations; PreferenceDataModule's: pairs)."""
+        return read_records(file)
+
+    def overlong_note(self, truncated: int, dropped: int) -> str:
+        """What the warning about long examples says was done with them."""
+        return (f"{truncated} truncated, {dropped} dropped (overlong={self.hparams.overlong!r}; a longer --data.seq_len "
+                f"keeps them whole)")
+
+    def read(self, path: str | list[str]) -> list:
         """The examples of the files of ``path``, with a warning counting those cut or dropped for their length."""
-        files = resolve_files(path)
-        conversations = [messages for file in files for messages in read_records(file)]
-        examples, truncated, dropped = self.encode(conversations)
+        records = [record for file in resolve_files(path) for record in self.read_file(file)]
+        examples, truncated, dropped = self.encode(records)
         if truncated or dropped:
-            warnings.warn(f"{path}: {truncated + dropped} of {len(conversations)} examples are longer than seq_len + 1 = "
-                          f"{self.hparams.seq_len + 1} tokens: {truncated} truncated, {dropped} dropped "
-                          f"(overlong={self.hparams.overlong!r}; a longer --data.seq_len keeps them whole)", stacklevel=2)
+            warnings.warn(f"{path}: {truncated + dropped} of {len(records)} {self.unit}s are longer than seq_len + 1 = "
+                          f"{self.hparams.seq_len + 1} tokens: {self.overlong_note(truncated, dropped)}", stacklevel=2)
         if not examples:
-            raise ValueError(f"{path}: no example is left to train on (all longer than seq_len + 1 = "
+            raise ValueError(f"{path}: no {self.unit} is left to train on (all longer than seq_len + 1 = "
                              f"{self.hparams.seq_len + 1} tokens): use a longer --data.seq_len")
         return examples
 
@@ -198,7 +210,8 @@ class SFTDataModule(LanguageDataModule):
             return
         hp = self.hparams
         if hp.path is None:
-            raise ValueError("SFTDataModule needs instruction data: --data.path chat.jsonl (see docs/finetuning.md)")
+            raise ValueError(f"{type(self).__name__} needs data: --data.path <a .jsonl of {self.unit}s> (see "
+                             f"docs/finetuning.md)")
         examples = self.read(hp.path)
         if hp.val_path is not None:
             self.train_examples, self.val_examples = examples, self.read(hp.val_path)
@@ -207,17 +220,20 @@ class SFTDataModule(LanguageDataModule):
             held_out = int(len(examples) * hp.val_fraction)
             self.val_examples = [examples[i] for i in sorted(order[:held_out])]
             self.train_examples = [examples[i] for i in sorted(order[held_out:])]
-        rank_zero_info(f"SFT data: {len(self.train_examples)} training and {len(self.val_examples)} validation "
-                       f"examples, chat template {self.chat_template.name}")
+        rank_zero_info(f"{type(self).__name__}: {len(self.train_examples)} training and {len(self.val_examples)} "
+                       f"validation examples, chat template {self.chat_template.name}")
 
     @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
 
+    batch_class = ExampleBatches  # what batches examples (PreferenceDataModule's: pairs)
+    unit = "example"  # what a record is called in messages
+
     def batches(self, examples: list, train: bool) -> ExampleBatches:
         rank, world_size = self.rank_and_world_size
-        return ExampleBatches(examples, self.hparams.batch_size, self.pad_token_id, shuffle=train, seed=self.hparams.seed,
+        return self.batch_class(examples, self.hparams.batch_size, self.pad_token_id, shuffle=train, seed=self.hparams.seed,
                               rank=rank, world_size=world_size, progress=self.progress if train else None)
 
     def train_dataloader(self) -> DataLoader:

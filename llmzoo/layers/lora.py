@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ class LoRA(nn.Module):
         self.B = nn.ParameterDict({name: nn.Parameter(torch.empty(size, r, **kwargs))
                                    for name, size in self.parts.items() if name in self.adapted})
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True  # False inside adapters_disabled: the projection computes its base output alone
         self.reset_parameters()
 
     @torch.no_grad()
@@ -109,6 +111,7 @@ class ExpertLoRA(nn.Module):
         self.A = nn.Parameter(torch.empty(experts, r, in_features, **kwargs))
         self.B = nn.Parameter(torch.empty(experts, out_features, r, **kwargs))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.enabled = True
         self.reset_parameters()
 
     @torch.no_grad()
@@ -131,7 +134,7 @@ class ExpertLoRA(nn.Module):
 
 # ====================================================================== attaching adapters to projections
 def _add_delta(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-    return output + module.adapter(args[0])
+    return output + module.adapter(args[0]) if module.adapter.enabled else output
 
 
 def attach(module: nn.Module, adapter: LoRA) -> None:
@@ -152,7 +155,7 @@ def head_weight(head: nn.Module) -> Tensor:
     """The output head's effective weight ``[vocab, D]``: its own, plus its adapter's update when it has one (what
     the fused loss, which never calls the head, multiplies by)."""
     adapter = getattr(head, "adapter", None)
-    return head.weight if adapter is None else head.weight + adapter.delta_weight()
+    return head.weight if adapter is None or not adapter.enabled else head.weight + adapter.delta_weight()
 
 
 def projections(module: nn.Module) -> Iterator[tuple[nn.Module, str, dict[str, int]]]:
@@ -233,6 +236,21 @@ def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0
         adapter.requires_grad_(True)
     model.lora_settings = LoRASettings(r, alpha, dropout, list(targets))
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Every adapter of ``model`` switched off inside the block: the model computes what its frozen base does, with
+    the same weights (no copy; a preference run's reference under LoRA). Re-entrant; the adapters are on again after."""
+    adapters = lora_modules(model)
+    states = [adapter.enabled for adapter in adapters]
+    for adapter in adapters:
+        adapter.enabled = False
+    try:
+        yield model
+    finally:
+        for adapter, state in zip(adapters, states):
+            adapter.enabled = state
 
 
 def available_targets(model: nn.Module) -> set[str]:

@@ -134,7 +134,7 @@ class MoE(nn.Module):
         weight ``name`` (``gate_up`` or ``down``), transposed: one grouped matmul, plus the adapter of that weight in
         :attr:`adapters` if any."""
         y = F.grouped_mm(x, self.expert_weight(name, x.dtype).transpose(1, 2), offs=offsets)
-        return y + self.adapters[name](x, offsets) if name in self.adapters else y
+        return y + self.adapters[name](x, offsets) if name in self.adapters and self.adapters[name].enabled else y
 
     def expert_weight(self, name: str, dtype: torch.dtype) -> Tensor:
         """The stacked expert weight ``name`` ``[E, out, in]`` as a tensor: a quantized one (a module of

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from llmzoo.checkpoints import ARCHITECTURE_KEY, QUANTIZATION_KEY, qualified_name, read_checkpoint
 from llmzoo.layers import Block, CausalSelfAttention, LearnedPositions, MoE, RotaryEmbedding
-from llmzoo.layers.lora import LoRASettings, add_lora, head_weight
+from llmzoo.layers.lora import LoRASettings, adapters_disabled, add_lora, has_lora, head_weight
 from llmzoo.layers.loss import IGNORE_INDEX, linear_cross_entropy
+from llmzoo.layers.preference import (PreferenceSettings, check_settings as check_preference, completion_logps,
+                                      preference_loss, preference_metrics)
 from llmzoo.layers.quantized import Int4Weight, Int8Weight
 from llmzoo.models.hparams import check_hyperparameters
 from llmzoo.models.metrics import BitsPerByte, TokenNLL, TokenPerplexity
@@ -31,6 +33,8 @@ class CausalLM(L.LightningModule):
     Training batches are token windows ``[B, T + 1]`` (inputs ``[:, :-1]``, targets ``[:, 1:]``) or
     dicts with ``input_ids`` and optional ``labels`` (-100 = ignore) and ``attention_mask``. A validation or
     test batch with ``num_bytes`` (the UTF-8 bytes its targets spell) also logs bits per byte (``val/bpb``).
+    With ``preference`` settings, batches are preference batches (:class:`~llmzoo.data.PreferenceDataModule`'s) and
+    the objective is DPO, IPO or SimPO (:meth:`preference_step`).
 
     Args:
         vocab_size: size of the token vocabulary (linked from the tokenizer by the CLI).
@@ -59,6 +63,9 @@ class CausalLM(L.LightningModule):
             put on the model as it is built; every other weight is frozen (see docs/finetuning.md).
         quantize: ``int8`` or ``int4`` (groups of 32): the frozen base weights but the output head are quantized when
             training starts (``configure_model``) and only the LoRA adapters train, QLoRA-style (docs/inference.md).
+        preference: preference tuning (:class:`~llmzoo.layers.preference.PreferenceSettings`: ``loss_type``, ``beta``,
+            ``label_smoothing``, ``gamma``, ``reference``) on the pairs of a ``PreferenceDataModule`` instead of the
+            next-token loss (see docs/finetuning.md).
     """
 
     prenorm: bool = True
@@ -75,7 +82,8 @@ class CausalLM(L.LightningModule):
                  warmup_steps: int = 100, lr_decay_steps: int | None = None,
                  min_learning_rate: float | None = None, aux_loss_coef: float = 0.01,
                  activation_checkpointing: bool = False, compile: bool = False, pretrained: str | None = None,
-                 lora: LoRASettings | None = None, quantize: str | None = None):
+                 lora: LoRASettings | None = None, quantize: str | None = None,
+                 preference: PreferenceSettings | None = None):
         super().__init__()
         self.save_hyperparameters()  # also records the subclasses' arguments: Llama.load_from_checkpoint(p) works
         check_hyperparameters(self.hparams)
@@ -83,6 +91,9 @@ class CausalLM(L.LightningModule):
             from llmzoo.quantize import check_options
 
             check_options(quantize, 32)
+        if preference is not None:
+            settings = PreferenceSettings(**preference) if isinstance(preference, dict) else preference
+            self.hparams.preference = asdict(check_preference(settings))  # a plain dict, as lora's
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.positions = self.make_positions()
         self.rope = self.make_rope()
@@ -294,6 +305,8 @@ class CausalLM(L.LightningModule):
         return nll, (targets != IGNORE_INDEX).sum(), aux_loss
 
     def training_step(self, batch: Tensor | dict, batch_idx: int) -> Tensor:
+        if self.preference_settings is not None:
+            return self.preference_step(batch, "train")
         loss, _, aux_loss = self.token_nll(batch)
         self.log("train/loss", loss, prog_bar=True)
         if aux_loss is not None:
@@ -316,6 +329,9 @@ class CausalLM(L.LightningModule):
         return nll.view(targets.shape)
 
     def _evaluate(self, batch: Tensor | dict, stage: str) -> None:
+        if self.preference_settings is not None:
+            self.preference_step(batch, stage)
+            return
         nll_sum, count, _ = self.token_nll(batch, reduction="sum")
         self.eval_nll.update(nll_sum, count)
         self.eval_ppl.update(nll_sum, count)
@@ -324,6 +340,119 @@ class CausalLM(L.LightningModule):
         if isinstance(batch, dict) and "num_bytes" in batch:  # the UTF-8 bytes of the targets (the datamodule's)
             self.eval_bpb.update(nll_sum, batch["num_bytes"])
             self.log(f"{stage}/bpb", self.eval_bpb, prog_bar=True)
+
+    # ----------------------------------------------------------------- preference tuning
+    @property
+    def preference_settings(self) -> PreferenceSettings | None:
+        settings = self.hparams.get("preference")
+        return None if settings is None else PreferenceSettings(**settings)
+
+    def completion_logps(self, batch: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The summed log-probabilities of each row's completion tokens ``[N]`` (the tokens labelled, not -100),
+        their number ``[N]`` and the MoE aux loss (:func:`~llmzoo.layers.preference.completion_logps`)."""
+        input_ids, targets, mask = self.split_batch(batch)
+        hidden, aux_loss = self.backbone(input_ids, mask)
+        logps, tokens = completion_logps(hidden, head_weight(self.lm_head), targets)
+        return logps, tokens, aux_loss
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict) -> Tensor:
+        """The reference's summed completion log-probabilities of a preference batch ``[2, B]`` (chosen, rejected),
+        without gradients and without dropout: the frozen copy when there is one (``reference: model`` without LoRA),
+        else these weights with the LoRA adapters switched off (no copy; without LoRA: this model as it is, which is
+        the reference only before training, when ``precomputed`` ones are made)."""
+        model = self.__dict__.get("reference_model", self)  # not a submodule: not trained, saved or moved by Lightning
+        training = self.training
+        self.eval()
+        try:
+            with adapters_disabled(self):
+                logps = model.completion_logps(batch)[0]
+        finally:
+            self.train(training)
+        return logps.view(2, -1)
+
+    def frozen_copy(self) -> CausalLM:
+        """The starting weights in a model of their own, frozen, in eval mode: read from ``pretrained`` (a resumed
+        run's weights have moved on), else copied from this model before its first step."""
+        from llmzoo.models.build import empty_model, fill_model
+
+        if self.hparams.pretrained:
+            from llmzoo.pretrained import load_pretrained
+
+            copy = load_pretrained(self.hparams.pretrained, model_class=self.architecture)
+        elif self.starting_weights():
+            kwargs = {k: v for k, v in self.hparams.items() if k not in ("lora", "preference", "quantize")}
+            copy = fill_model(empty_model(self.architecture, kwargs), {k: v.detach().clone()
+                                                                       for k, v in self.state_dict().items()})
+        else:
+            raise ValueError("reference=model without LoRA needs the starting weights, which a restored checkpoint's "
+                             "are not: give --model.pretrained (the frozen copy is read from it) or use "
+                             "--model.preference.reference precomputed")
+        return copy.to(device=self.device, dtype=self.embed.weight.dtype).eval().requires_grad_(False)
+
+    def starting_weights(self) -> bool:
+        """Whether these weights are those training starts from: its trainer has restored no checkpoint
+        (``--ckpt_path``) and taken no step."""
+        trainer = self._trainer
+        return trainer is None or (trainer.ckpt_path is None and trainer.global_step == 0)
+
+    def on_fit_start(self) -> None:
+        """Preference tuning's reference, before the first step: a frozen copy of the starting weights
+        (``reference: model`` without LoRA; with LoRA the adapters are switched off instead), or the reference
+        log-probabilities of every pair, computed once by the starting model and kept by the datamodule, which saves
+        them in the checkpoints (``precomputed``: a resumed run has them already)."""
+        settings = self.preference_settings
+        if settings is None or settings.loss_type == "simpo":
+            return
+        if settings.reference == "model":
+            self.keep_frozen_copy()
+            return
+        precompute = getattr(self.trainer.datamodule, "precompute_reference", None)
+        if precompute is None:
+            raise ValueError("--model.preference.reference precomputed needs a datamodule that keeps the reference "
+                             "log-probabilities (PreferenceDataModule): use it, or --model.preference.reference model")
+        with self.trainer.precision_plugin.forward_context():  # as the policy's steps: bf16-mixed's autocast
+            precompute(lambda batch: self.reference_logps(self.transfer_batch_to_device(batch, self.device, 0)))
+
+    def keep_frozen_copy(self) -> None:
+        """``reference: model`` without LoRA: the frozen copy of the starting weights, made once (by fit, or by
+        ``llmzoo validate`` / ``test``, which do not start with ``on_fit_start``)."""
+        settings = self.preference_settings
+        if (settings is not None and settings.loss_type != "simpo" and settings.reference == "model"
+                and not has_lora(self) and "reference_model" not in self.__dict__):
+            self.__dict__["reference_model"] = self.frozen_copy()
+
+    on_validation_start = on_test_start = keep_frozen_copy
+
+    def preference_step(self, batch: dict, stage: str) -> Tensor:
+        """The preference loss of a batch of ``B`` pairs (``input_ids`` ``[2B, L]``: the chosen completions, then
+        the rejected ones, labels -100 but on the completions; ``reference_logps [2, B]`` when precomputed), chosen
+        and rejected through the model in one forward; logs the loss and the rewards under ``stage/``."""
+        settings = self.preference_settings
+        if not isinstance(batch, dict) or "pair_index" not in batch:
+            raise ValueError("preference settings (--model.preference) need preference data: --data "
+                             "PreferenceDataModule (see configs/dpo.yaml)")
+        logps, tokens, aux_loss = self.completion_logps(batch)
+        policy, tokens = logps.view(2, -1), tokens.view(2, -1)
+        reference = None
+        if settings.loss_type != "simpo":
+            reference = batch.get("reference_logps") if settings.reference == "precomputed" else None
+            if reference is None:  # validate / test before training, or LoRA: this model, adapters off, is it
+                if settings.reference == "precomputed" and not (has_lora(self) or self.starting_weights()):
+                    raise ValueError("the preference batch has no precomputed reference log-probabilities and these "
+                                     "weights are not the starting ones (a restored checkpoint's): give the data of "
+                                     "the run, whose checkpoint keeps them, or --model.preference.reference model")
+                reference = self.reference_logps(batch)
+        losses, chosen, rejected = preference_loss(policy, reference, tokens, settings)
+        metrics = preference_metrics(losses, chosen, rejected, policy)
+        for name, value in metrics.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name in ("loss", "rewards/accuracies", "rewards/margins"),
+                     batch_size=policy.shape[1], sync_dist=stage != "train")
+        loss = metrics["loss"]
+        if aux_loss is not None and stage == "train":
+            self.log("train/aux_loss", aux_loss)
+            loss = loss + self.hparams.aux_loss_coef * aux_loss
+        return loss
 
     def configure_optimizers(self):
         hp = self.hparams
