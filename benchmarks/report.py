@@ -16,10 +16,12 @@ PARTS = {  # the page's sections, in order
     "decode": "benchmarks.decode",
     "memory": "benchmarks.memory",
     "finetune": "benchmarks.finetune",
+    "preference": "benchmarks.preference",
     "scaling": "benchmarks.scaling",
     "moe": "benchmarks.moe",
     "tokenizer": "benchmarks.tokenizer_throughput",
     "shakespeare": "benchmarks.shakespeare",
+    "serve": "benchmarks.serve",
     "gpu": "benchmarks.gpu",
 }
 

@@ -5,9 +5,9 @@ and streaming.
 
 Entry points: :func:`generate` returns the token ids, :func:`stream` yields new tokens as they are
 decided, :class:`GenerationConfig` holds (and validates) how to decode, :func:`left_pad` batches prompts
-of different lengths, :class:`TextStream` turns a stream of token ids into printable text. The logits
-processors are small functions of ``logits [..., V]`` that compose (:func:`process_logits` applies them
-in Hugging Face's order).
+of different lengths, :class:`TextStream` turns a stream of token ids into printable text, :class:`HeldBack`
+keeps a stop string out of it. The logits processors are small functions of ``logits [..., V]`` that compose
+(:func:`process_logits` applies them in Hugging Face's order).
 
 The model is any :class:`~llmzoo.models.base.CausalLM` (``backbone``, ``lm_head``, the KV-cache methods).
 """
@@ -270,6 +270,32 @@ class TextStream:
         piece = text[self.emitted:]
         self.emitted = max(self.emitted, len(text))
         return piece
+
+
+class HeldBack:
+    """Streamed text without the end-of-turn marker or stop string ``stop`` (one, or a list): what could be the
+    beginning of one is held back until the next piece tells, and the first found and what follows are dropped."""
+
+    def __init__(self, stop: str | list[str] | None):
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+        self.pending, self.done = "", False
+
+    def push(self, text: str) -> str:
+        if self.done or not self.stops:
+            return "" if self.done else text
+        self.pending += text
+        found = [self.pending.index(s) for s in self.stops if s in self.pending]
+        if found:
+            self.done = True
+            return self.pending[:min(found)]
+        keep = max(next((n for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
+                         if s.startswith(self.pending[-n:])), 0) for s in self.stops)
+        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.done else self.pending), ""
+        return out
 
 
 def _check_inputs(model, input_ids: Tensor, attention_mask: Tensor | None, config: GenerationConfig,

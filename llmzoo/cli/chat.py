@@ -16,7 +16,7 @@ from llmzoo.data import load_tokenizer_for_checkpoint
 from llmzoo.data.chat import ChatTemplate, template_source
 from llmzoo.data.sft import encode_chats
 from llmzoo.data.tokenizer import Tokenizer
-from llmzoo.generation import GenerationConfig, TextStream, stream
+from llmzoo.generation import GenerationConfig, HeldBack, TextStream, stream
 from llmzoo.hf import from_hf
 from llmzoo.models.build import load_checkpoint_model
 
@@ -38,30 +38,6 @@ def end_of_turn_ids(template: ChatTemplate, tokenizer: Tokenizer) -> list[int]:
     """The tokens that end a reply: end-of-sequence, and the template's end-of-turn marker when it is one token."""
     marker = tokenizer.tokenizer.token_to_id(template.end_of_turn) if template.end_of_turn else None
     return [tokenizer.eos_token_id] + ([marker] if marker is not None and marker != tokenizer.eos_token_id else [])
-
-
-class HeldBack:
-    """Streamed text without the end-of-turn marker ``stop``: what could be its beginning is held back until the
-    next piece tells, and the marker and what follows are dropped."""
-
-    def __init__(self, stop: str):
-        self.stop, self.pending, self.done = stop, "", False
-
-    def push(self, text: str) -> str:
-        if self.done or not self.stop:
-            return "" if self.done else text
-        self.pending += text
-        if self.stop in self.pending:
-            self.done = True
-            return self.pending[:self.pending.index(self.stop)]
-        keep = next((n for n in range(min(len(self.stop) - 1, len(self.pending)), 0, -1)
-                     if self.stop.startswith(self.pending[-n:])), 0)
-        out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.done else self.pending), ""
-        return out
 
 
 def load_chat_model(ckpt_path: str):

@@ -58,10 +58,11 @@ def run(args: list[str] | None) -> None:
     from llmzoo.cli.conversion import run_convert
     from llmzoo.cli.evaluate import run_evaluate
     from llmzoo.cli.lightning_cli import LLMZooCLI
+    from llmzoo.cli.serve import run_serve
 
     quiet_third_party_noise()
     argv = sys.argv[1:] if args is None else list(args)
-    own = {"convert": run_convert, "evaluate": run_evaluate, "chat": run_chat}
+    own = {"convert": run_convert, "evaluate": run_evaluate, "chat": run_chat, "serve": run_serve}
     if argv[:1] and argv[0] in own:
         own[argv[0]](argv[1:])
         sys.exit(0)  # as --help does: the command is done

@@ -12,9 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from llmzoo.checkpoints import QUANTIZATION_KEY, read_checkpoint
-from llmzoo.cli.chat import HeldBack, chat_prompt, end_of_turn_ids, run_template
+from llmzoo.cli.chat import chat_prompt, end_of_turn_ids, run_template
 from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint
-from llmzoo.generation import GenerationConfig, TextStream, left_pad, room_after_prompts, stream
+from llmzoo.generation import GenerationConfig, HeldBack, TextStream, left_pad, room_after_prompts, stream
 from llmzoo.hf import from_hf
 from llmzoo.models import CausalLM
 from llmzoo.models.build import fill_model, load_checkpoint_model

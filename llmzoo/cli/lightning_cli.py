@@ -23,6 +23,7 @@ from llmzoo.cli.conversion import HELP as CONVERT_HELP, convert_parser
 from llmzoo.cli.evaluate import HELP as EVALUATE_HELP, evaluate_parser
 from llmzoo.cli.generate import generate
 from llmzoo.cli.runs import last_checkpoint, refuse_another_run, with_last_resolved
+from llmzoo.cli.serve import HELP as SERVE_HELP, serve_parser
 from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint  # with its subclasses: --data TextDataModule
 from llmzoo.data.datamodules import TOKENIZER_KINDS
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
@@ -106,6 +107,7 @@ class LLMZooCLI(LightningCLI):
             self.parser.subcommands_added.add_subcommand("convert", convert_parser(), help=CONVERT_HELP)
             self.parser.subcommands_added.add_subcommand("evaluate", evaluate_parser(), help=EVALUATE_HELP)
             self.parser.subcommands_added.add_subcommand("chat", chat_parser(), help=CHAT_HELP)
+            self.parser.subcommands_added.add_subcommand("serve", serve_parser(), help=SERVE_HELP)
 
     def add_core_arguments_to_parser(self, parser) -> None:
         """Lightning's, with ``--data`` optional: ``generate`` needs none (the others ask for it in
