@@ -584,3 +584,55 @@ def test_sampling_within_the_documented_ranges_never_crashes_or_leaves_the_vocab
     assert output.shape[0] == len(prompt) and width < output.shape[1] <= width + max_new_tokens
     assert torch.equal(output[:, :width], input_ids)
     assert output.dtype == torch.long and 0 <= output.min() and output.max() < 97
+
+
+USER_MODULE = '''
+from llmzoo import Llama
+from llmzoo.layers import MLP
+
+
+class GeluLlama(Llama):
+    """Llama with a GELU MLP instead of SwiGLU: trains and reloads, but has no Hugging Face twin."""
+
+    def make_mlp(self, layer):
+        return MLP(self.hparams.embed_dim, 4 * self.hparams.embed_dim)
+
+
+class RenamedLlama(Llama):
+    """Llama's layers under another name: exports as llama."""
+'''
+
+
+def test_a_user_subclass_is_imported_with_llmzoo_import_and_exports_only_where_its_layers_map(tmp_path):
+    from llmzoo.hf import lightning_checkpoint, to_hf
+    from llmzoo.checkpoints import save_checkpoint
+
+    (tmp_path / "my_models.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_models
+    finally:
+        sys.path.remove(str(tmp_path))
+    sizes = dict(vocab_size=32, embed_dim=32, num_heads=4, num_layers=1, max_position_embeddings=32)
+    gelu, renamed = my_models.GeluLlama(**sizes), my_models.RenamedLlama(**sizes)
+    with pytest.raises(ValueError, match=r"^GeluLlama cannot be exported as a Hugging Face llama model: its "
+                                         r"blocks.0.mlp is a MLP where Llama has a SwiGLU"):
+        to_hf(gelu, tmp_path / "gelu")
+    assert not (tmp_path / "gelu").exists()
+    assert json.loads((to_hf(renamed, tmp_path / "renamed") / "config.json").read_text())["model_type"] == "llama"
+    tokenizer = Tokenizer.train_chars(["abcdefgh\n"])
+    save_checkpoint({**lightning_checkpoint(gelu), "tokenizer": tokenizer.state_dict()}, tmp_path / "gelu.ckpt")
+
+    def convert(*first):
+        result = subprocess.run([sys.executable, "-m", "llmzoo", *first, "convert", "--ckpt_path", "gelu.ckpt",
+                                 "--to_hf", "out"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                                env={**ENV, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 1, result.stderr
+        return result.stderr.strip().splitlines()[-1]
+
+    unknown = convert()
+    assert unknown.startswith("llmzoo: error: ") and "my_models.GeluLlama" in unknown, unknown
+    assert unknown.endswith("(on the command line: llmzoo --import MODULE ...)"), unknown
+    assert convert("--import", "my_models").startswith(  # imported: the class is known, its export refused
+        "llmzoo: error: GeluLlama cannot be exported as a Hugging Face llama model: its blocks.0.mlp is a MLP")
+    assert not (tmp_path / "out").exists()

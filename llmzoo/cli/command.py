@@ -9,7 +9,7 @@ import sys
 import warnings
 from argparse import ArgumentError
 
-from llmzoo.cli.preflight import preflight
+from llmzoo.cli.preflight import preflight, user_modules
 
 
 def main(args: list[str] | None = None) -> None:
@@ -19,7 +19,9 @@ def main(args: list[str] | None = None) -> None:
     ``evaluate`` run here, before LightningCLI starts (they need no data or Trainer), and exit with status 0.
     The checks of :mod:`llmzoo.cli.preflight` run before torch and Lightning are imported."""
     try:
-        preflight(sys.argv[1:] if args is None else args)
+        modules, args = user_modules(sys.argv[1:] if args is None else list(args))
+        import_user_modules(modules)  # first: their classes are names preflight must accept
+        preflight(args)
         run(args)
     except (ArgumentError, OSError, ValueError, FloatingPointError,  # FileExistsError (convert), ...
             *refused_by_libraries()) as error:  # Lightning's: --trainer.accelerator gpu without a GPU, ...
@@ -52,7 +54,21 @@ def message_of(error: BaseException) -> str:
     return f"{message}{hint}"
 
 
-def run(args: list[str] | None) -> None:
+def import_user_modules(modules: list[str]) -> None:
+    """Import the modules of ``llmzoo --import MODULE``, from the working directory or ``PYTHONPATH``."""
+    import importlib
+
+    if modules and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            raise ValueError(f"--import {module}: no module {error.name!r} here or on PYTHONPATH; run llmzoo from "
+                             f"the folder that holds {module.split('.')[0]}.py, or add it to PYTHONPATH") from None
+
+
+def run(args: list[str]) -> None:
     """The command itself: llmzoo's own commands (no data or Trainer) here, Lightning's in LightningCLI."""
     from llmzoo.cli.chat import run_chat
     from llmzoo.cli.conversion import run_convert
@@ -61,7 +77,7 @@ def run(args: list[str] | None) -> None:
     from llmzoo.cli.serve import run_serve
 
     quiet_third_party_noise()
-    argv = sys.argv[1:] if args is None else list(args)
+    argv = args
     own = {"convert": run_convert, "evaluate": run_evaluate, "chat": run_chat, "serve": run_serve}
     if argv[:1] and argv[0] in own:
         own[argv[0]](argv[1:])

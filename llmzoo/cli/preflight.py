@@ -25,6 +25,24 @@ def preflight(args: list[str]) -> None:
     check_class_names(args)
 
 
+def user_modules(args: list[str]) -> tuple[list[str], list[str]]:
+    """The modules of ``llmzoo --import MODULE [--import MODULE ...] COMMAND ...`` (given before the command) and
+    the arguments without them. A module a user names is imported (from the working directory or ``PYTHONPATH``)
+    before the command runs, so that the command knows the model classes it defines; a checkpoint never makes
+    llmzoo import anything itself."""
+    modules, i = [], 0
+    while i < len(args) and (args[i] == "--import" or args[i].startswith("--import=")):
+        if args[i] == "--import":
+            if i + 1 == len(args):
+                raise ValueError("--import needs a module name: llmzoo --import my_models fit ...")
+            modules.append(args[i + 1])
+            i += 2
+        else:
+            modules.append(args[i].split("=", 1)[1])
+            i += 1
+    return modules, list(args[i:])
+
+
 def config_paths(args: list[str]) -> list[Path]:
     """The ``--config`` / ``-c`` files of ``args``, in order."""
     paths = []

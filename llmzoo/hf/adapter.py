@@ -7,12 +7,14 @@ model's MRO that an adapter claims (a subclass of ``Llama`` exports as ``llama``
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from llmzoo.hf.weights import model_dtype
 from llmzoo.models import CausalLM
+from llmzoo.models.build import empty_model
 
 if TYPE_CHECKING:
     from llmzoo.hf.rules import Rule
@@ -53,10 +55,35 @@ class Adapter:
         raise NotImplementedError
 
     def to_config(self, model: CausalLM, dtype: torch.dtype) -> dict:
+        self.check_layers(model)
         hp = model.hparams
         return dict(architectures=[self.hf_class], model_type=self.model_type, vocab_size=hp.vocab_size,
                     tie_word_embeddings=bool(hp.tie_word_embeddings), dtype=str(dtype).removeprefix("torch."),
                     use_cache=True, **self.config(model))
+
+    def check_layers(self, model: CausalLM) -> None:
+        """A subclass (``class GeluLlama(Llama)`` with its own ``make_mlp``) exports as its family only where its
+        layers and weights are the family's: else a ``ValueError`` naming the first layer that differs."""
+        family = self.model_class
+        if type(model) is family:
+            return
+        accepted = inspect.signature(family.__init__).parameters
+        reference = empty_model(family, {k: v for k, v in model.hparams.items() if k in accepted})
+        theirs = {name: type(module) for name, module in reference.named_modules()}
+        for name, module in model.named_modules():
+            if name not in theirs or not isinstance(module, theirs[name]):
+                what = f"{name} is a {type(module).__name__} where {family.__name__} has a " \
+                       f"{theirs[name].__name__}" if name in theirs else f"{name} is not a layer of {family.__name__}"
+                raise ValueError(f"{type(model).__name__} cannot be exported as a Hugging Face {self.model_type} "
+                                 f"model: its {what}, which transformers' {self.hf_class} cannot hold; export a model "
+                                 f"whose layers are {family.__name__}'s, or add an adapter for it (docs/architecture.md)")
+        shapes = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+        for name, tensor in model.state_dict().items():
+            if name in shapes and shapes[name] != tuple(tensor.shape):
+                raise ValueError(f"{type(model).__name__} cannot be exported as a Hugging Face {self.model_type} "
+                                 f"model: its {name} is {list(tensor.shape)} where {family.__name__}'s of the same "
+                                 f"settings is {list(shapes[name])}; export a model whose layers are "
+                                 f"{family.__name__}'s, or add an adapter for it (docs/architecture.md)")
 
     # ------------------------------------------------------------------ state dict
     def rules(self, model: CausalLM, hf_keys=()) -> list[Rule]:

@@ -544,7 +544,8 @@ def checkpoint_architecture(checkpoint: str | os.PathLike | dict) -> type[Causal
         return None
     if name not in CausalLM.registry:
         raise ValueError(f"{checkpoint if not isinstance(checkpoint, dict) else 'the checkpoint'} holds a {name} "
-                         f"model, a class not imported in this process: import it first")
+                         f"model, a class not imported in this process: import its module first (on the command line: "
+                         f"llmzoo --import MODULE ...)")
     return CausalLM.registry[name]
 
 

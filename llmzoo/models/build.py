@@ -69,7 +69,7 @@ def resolve_class(name: str | type[CausalLM]) -> type[CausalLM]:
     cls = ARCHITECTURES.get(name) or CausalLM.registry.get(name)  # never imports: a checkpoint cannot make us run code
     if cls is None:
         raise ValueError(f"unknown model class {name!r}: use one of {', '.join(ARCHITECTURES)} or import the module "
-                         f"that defines it first")
+                         f"that defines it first (on the command line: llmzoo --import MODULE ...)")
     return cls
 
 
