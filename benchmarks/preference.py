@@ -12,6 +12,7 @@ over the resident set before the model was built, after a warm-up step.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -66,7 +67,7 @@ def measure(quick: bool = False) -> dict:
     found = {name: run_setting(sys.modules[__name__], dict(lora=lora, pairs=pairs, seq=seq, sizes=sizes, steps=steps),
                                quick) for name, lora in (("full", False), ("lora", True))}
     return {"env": environment(), "quick": quick, "load": os.getloadavg(), "pairs": pairs, "seq": seq, "sizes": sizes,
-            **found, "memory_ratio": found["lora"]["peak"] / found["full"]["peak"],
+            **found, "memory_ratio": found["lora"]["peak"] / found["full"]["peak"] if found["full"]["peak"] else math.nan,
             "time_ratio": statistics.median(found["lora"]["times"]) / statistics.median(found["full"]["times"])}
 
 

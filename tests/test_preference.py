@@ -203,6 +203,18 @@ def test_overlong_pairs_keep_their_prompt_and_too_long_prompts_are_dropped_with_
     assert prompt.tolist() == whole[0].tolist() and chosen.tolist() == whole[1][:len(chosen)].tolist()
 
 
+def test_a_pair_the_cut_makes_the_same_is_dropped(tmp_path, tokenizer):
+    """Completions that differ only after seq_len + 1 tokens would be a pair that prefers nothing (loss log 2, no
+    gradient, a tie in rewards/accuracies): dropped and counted."""
+    records = [{"prompt": "hi", "chosen": "word " * 60 + "yes", "rejected": "word " * 60 + "no"},
+               {"prompt": "hi", "chosen": "word " * 60 + "yes", "rejected": "no"}]
+    data = data_module(tokenizer, write_jsonl(records, tmp_path / "same.jsonl"), val_fraction=0.0, seq_len=40)
+    with pytest.warns(UserWarning, match="2 of 2 pairs .* 1 with their completions cut at the end, 1 dropped"):
+        data.load_examples()
+    (_, chosen, rejected), = data.train_examples
+    assert tokenizer.decode(rejected.tolist()).startswith("no")
+
+
 def test_pair_batches_resume_exactly_and_carry_the_reference():
     examples = [(np.arange(3) + i, np.arange(i % 4 + 1), np.arange(2)) for i in range(20)]
     reference = torch.randn(2, 20)

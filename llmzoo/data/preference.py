@@ -86,11 +86,12 @@ class PreferenceDataModule(SFTDataModule):
     two rows share the prompt's tokens. Labels are -100 on the prompt and the padding: only completion tokens count.
 
     Too long: the prompt is kept whole and each completion cut at its end so that prompt + completion has at most
-    ``seq_len + 1`` tokens; a pair whose prompt alone leaves no room for a completion token is dropped; a warning
-    counts both. ``val_path`` is the validation data; without it, a seeded ``val_fraction`` of the pairs. Training
-    batches (:class:`PairBatches`) are seeded permutations and resume exactly; the reference log-probabilities of
-    every pair, when the model precomputes them (:meth:`precompute_reference`), are kept here and saved in the
-    checkpoints with a digest of the pairs they belong to.
+    ``seq_len + 1`` tokens; a pair whose prompt alone leaves no room for a completion token, or whose two cut
+    completions are the same, is dropped; a warning counts both. ``val_path`` is the validation data; without it,
+    a seeded ``val_fraction`` of the pairs. Training batches (:class:`PairBatches`) are seeded permutations and
+    resume exactly; the reference log-probabilities of every pair, when the model precomputes them
+    (:meth:`precompute_reference`), are kept here and saved in the checkpoints with a digest of the pairs they
+    belong to.
 
     Args:
         path: the preference data: files, folders or globs of .jsonl / .json files.
@@ -132,8 +133,8 @@ class PreferenceDataModule(SFTDataModule):
         limit, truncated, dropped, examples = self.hparams.seq_len + 1, 0, 0, []
         for prompt, chosen, rejected in zip(ids, ids[len(prompts)::2], ids[len(prompts) + 1::2]):
             room = limit - len(prompt)
-            if room < 1:
-                dropped += 1
+            if room < 1 or (max(len(chosen), len(rejected)) > room and np.array_equal(chosen[:room], rejected[:room])):
+                dropped += 1  # no room for a completion token, or the cut leaves nothing to prefer
                 continue
             truncated += max(len(chosen), len(rejected)) > room
             examples.append((prompt, chosen[:room], rejected[:room]))
@@ -144,7 +145,8 @@ class PreferenceDataModule(SFTDataModule):
 
     def overlong_note(self, truncated: int, dropped: int) -> str:
         return (f"{truncated} with their completions cut at the end, {dropped} dropped (their prompt alone is that "
-                f"long; prompts are never cut): a longer --data.seq_len keeps them whole")
+                f"long, or the cut made both completions the same; prompts are never cut): a longer --data.seq_len "
+                f"keeps them whole")
 
     def check_model(self, model) -> None:
         """The SFT checks (the data is read: a malformed record stops the run before anything is written), and the

@@ -22,6 +22,10 @@ from llmzoo.models.hparams import check_hyperparameters
 from llmzoo.models.metrics import BitsPerByte, TokenNLL, TokenPerplexity
 
 
+NO_PREFERENCE_DATA = ("preference settings (--model.preference) need preference data: --data PreferenceDataModule "
+                      "(see configs/dpo.yaml), or leave --model.preference out")
+
+
 class CausalLM(L.LightningModule):
     """Decoder-only causal LM: token embedding (+ absolute positions) -> blocks -> final norm -> lm_head.
 
@@ -409,8 +413,7 @@ class CausalLM(L.LightningModule):
             return
         precompute = getattr(self.trainer.datamodule, "precompute_reference", None)
         if precompute is None:
-            raise ValueError("--model.preference.reference precomputed needs a datamodule that keeps the reference "
-                             "log-probabilities (PreferenceDataModule): use it, or --model.preference.reference model")
+            raise ValueError(NO_PREFERENCE_DATA)
         with self.trainer.precision_plugin.forward_context():  # as the policy's steps: bf16-mixed's autocast
             precompute(lambda batch: self.reference_logps(self.transfer_batch_to_device(batch, self.device, 0)))
 
@@ -430,8 +433,7 @@ class CausalLM(L.LightningModule):
         and rejected through the model in one forward; logs the loss and the rewards under ``stage/``."""
         settings = self.preference_settings
         if not isinstance(batch, dict) or "pair_index" not in batch:
-            raise ValueError("preference settings (--model.preference) need preference data: --data "
-                             "PreferenceDataModule (see configs/dpo.yaml)")
+            raise ValueError(NO_PREFERENCE_DATA)
         logps, tokens, aux_loss = self.completion_logps(batch)
         policy, tokens = logps.view(2, -1), tokens.view(2, -1)
         reference = None
