@@ -361,11 +361,15 @@ BAD_RECORDS = {
     (["--model.preference.beta", "-0.1"], "--model.preference.beta=-0.1 must be positive"),
     (["--model.preference.loss_type", "kto"], "--model.preference.loss_type='kto' is not a preference loss"),
     (["--model.preference", "null"], "PreferenceDataModule trains with a preference objective"),
+    (["--data", "TextDataModule", "--data.path", "{text}", "--data.tokenizer", "char"],
+     "preference settings (--model.preference) need preference data: --data PreferenceDataModule"),
 ])
 def test_bad_preference_input_is_one_line_and_writes_nothing(capsys, base, tmp_path, args, message):
     paths = {f"{{{name}}}": (tmp_path / f"{name}.jsonl") for name in BAD_RECORDS}
     for name, lines in BAD_RECORDS.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
+    paths["{text}"] = tmp_path / "text.txt"
+    paths["{text}"].write_text("plain text, not preference pairs\n" * 50)
     root = tmp_path / "run"
     result = llmzoo(capsys, "fit", "--config", CONFIGS / "dpo.yaml", "--model.pretrained", base.ckpt, "--data.path",
                     base.pairs, "--trainer.default_root_dir", root, "--trainer.max_steps", "2", *FAST,

@@ -24,10 +24,11 @@ from llmzoo.cli.evaluate import HELP as EVALUATE_HELP, evaluate_parser
 from llmzoo.cli.generate import generate
 from llmzoo.cli.runs import last_checkpoint, refuse_another_run, with_last_resolved
 from llmzoo.cli.serve import HELP as SERVE_HELP, serve_parser
-from llmzoo.data import LanguageDataModule, load_tokenizer_for_checkpoint  # with its subclasses: --data TextDataModule
+from llmzoo.data import (LanguageDataModule, PreferenceDataModule,  # with its subclasses: --data TextDataModule
+                         load_tokenizer_for_checkpoint)
 from llmzoo.data.datamodules import TOKENIZER_KINDS
 from llmzoo.models import CausalLM  # with every architecture: --model Llama
-from llmzoo.models.base import checkpoint_architecture
+from llmzoo.models.base import NO_PREFERENCE_DATA, checkpoint_architecture
 from llmzoo.models.build import empty_model, parameters_on_meta
 from llmzoo.pretrained import fill_pretrained, pretrained_architecture
 
@@ -227,6 +228,8 @@ class LLMZooCLI(LightningCLI):
         if isinstance(self.datamodule, LanguageDataModule):
             self.datamodule.check_model(self.model)  # here: a failing trainer.fit would have written logs
             self.datamodule.check_run(self.trainer, self.subcommand)
+            if self.model.preference_settings is not None and not isinstance(self.datamodule, PreferenceDataModule):
+                raise ValueError(NO_PREFERENCE_DATA)  # here, not at the first step: nothing written yet
             checkpoint = self.checkpoint(ckpt_path)
             trained = checkpoint and (checkpoint.get("hyper_parameters") or {}).get("vocab_size")
             if trained is not None and trained != self.datamodule.vocab_size:
